@@ -1,0 +1,303 @@
+"""Typed configuration: the one source of truth for a run.
+
+A run's config comes from three layers, later ones winning: the dataclass defaults below, a YAML recipe
+(`--config configs/x.yaml`), and dotted overrides (`--model.n_layer 4`). Unknown keys are rejected with a
+"did you mean". `resolve_config` then fills in everything a family or a dial implies, so the config saved
+with a run has every value spelled out.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmmo.errors import ConfigError
+
+# What the names `gpt2` and `llama` imply (GPT-2: Radford et al. 2019; LLaMA: Touvron et al. 2023).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5),
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.family": tuple(FAMILY_DEFAULTS),
+    "model.positions": ("learned", "rope"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "data.tokenizer": ("char", "word", "bpe"),
+    "train.optimizer": ("adamw", "adam"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.sampler": ("random", "epoch"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's shape. Fields left as None take the family's default in `resolve_config`."""
+
+    family: str = "gpt2"  # gpt2 | llama: sets the defaults of the None fields below
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads; fewer than n_head is grouped-query attention
+    n_embd: int = 128
+    depth: int = 0  # the one dial: > 0 sets n_layer = depth, n_embd = 64 * depth, n_head = ceil(n_embd / 64)
+    vocab_size: int = 0  # 0: the tokenizer's size
+    block_size: int = 0  # 0: data.block_size
+    dropout: float = 0.0
+    positions: str | None = None  # learned | rope
+    norm: str | None = None  # layernorm | rmsnorm
+    mlp: str | None = None  # gelu | swiglu
+    mlp_hidden: int = 0  # 0: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 32 for swiglu
+    bias: bool | None = None  # biases in Linear layers and norms
+    tie_embeddings: bool | None = None  # share the token embedding with the output head
+    norm_eps: float | None = None
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token windows."""
+
+    source: str = "tinyshakespeare"  # a named source (see llmmo.data.sources); ignored when `path` is set
+    path: str = ""  # a text file, a folder, a glob or a .jsonl file; wins over `source`
+    text_field: str = "text"  # the field that holds the text in JSONL files
+    encoding: str = "utf-8"  # the encoding of local text files
+    tokenizer: str = "char"  # char | word | bpe
+    vocab_size: int = 0  # word and bpe: 0 means 10000 (word) or 4096 (bpe); char: the corpus's characters
+    block_size: int = 64  # context length in tokens
+    val_fraction: float = 0.1  # local paths: the share held out for validation
+    train_split: str = "train"  # which split trains (a named source's split name)
+    val_split: str = "val"  # which split evaluates during training
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, its budget and its outputs."""
+
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (no decay)
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the floor that cosine decay ends at
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # AdamW only; never applied to norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    sampler: str = "random"  # random: seeded random windows | epoch: each window once per epoch
+    epochs: int = 0  # > 0 (with sampler=epoch): train this many passes over the data
+    max_steps: int = 2000
+    max_tokens: int = 0  # > 0: stop once this many training tokens were seen
+    max_minutes: float = 0.0  # > 0: stop after this much wall-clock time
+    eval_every: int = 250  # evaluate and checkpoint every this many steps (and at the end)
+    eval_batches: int = 0  # > 0: evaluate on this many batches only; 0: the whole split
+    log_every: int = 10
+    seed: int = 1337
+    out_dir: str = "runs/default"
+    resume: bool = False  # continue from out_dir/ckpt-latest
+    compile: bool = False  # torch.compile the model
+    dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys() -> dict[str, tuple[type, Any]]:
+    """Every dotted key (`model.n_layer`) with its type and default, in declaration order."""
+    out: dict[str, tuple[type, Any]] = {}
+    for section in fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        hints = _field_types(cls)
+        default = cls()
+        for f in fields(cls):
+            out[f"{section.name}.{f.name}"] = (hints[f.name], getattr(default, f.name))
+    return out
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `llmmo train --help` lists every key"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def coerce(key: str, value: Any, typ: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say clearly why it cannot be."""
+    args = typing.get_args(typ)
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)  # accepts "1e6"
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {value!r}") from None
+    raise ConfigError(f"config key '{key}' has an unsupported type {typ}")
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key (`train.lr`) on `cfg`, coercing the value to the field's type."""
+    keys = all_keys()
+    if key not in keys:
+        raise _unknown_key(key)
+    section, name = key.split(".", 1)
+    setattr(getattr(cfg, section), name, coerce(key, value, keys[key][0]))
+
+
+def config_from_dict(tree: dict[str, Any], cfg: Config | None = None) -> Config:
+    """Apply a nested dict ({model: {n_layer: 4}, ...}) on top of `cfg` (defaults when None)."""
+    cfg = cfg if cfg is not None else Config()
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(tree).__name__}")
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise _unknown_key(str(section))
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            set_key(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then dotted `overrides`; returned unresolved."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; see configs/ for the recipes")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        config_from_dict(tree, cfg)
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """LLaMA's SwiGLU width: 2/3 of 4d, so the three matrices cost what GELU's two do, rounded up to 32."""
+    return 32 * math.ceil(8 * n_embd / 3 / 32)
+
+
+def resolve_model(m: ModelConfig) -> ModelConfig:
+    """Fill in the family defaults and the depth dial; check that the shape can be built."""
+    m = dataclasses.replace(m)
+    if m.family not in FAMILY_DEFAULTS:
+        raise ConfigError(f"model.family '{m.family}' is not one of {list(FAMILY_DEFAULTS)}")
+    if m.depth > 0:  # nanochat's dial: width grows with depth, heads of 64
+        m.n_layer, m.n_embd = m.depth, 64 * m.depth
+        m.n_head = math.ceil(m.n_embd / 64)
+        m.n_kv_head = None
+    for name, value in FAMILY_DEFAULTS[m.family].items():
+        if getattr(m, name) is None:
+            setattr(m, name, value)
+    if m.n_kv_head is None:
+        m.n_kv_head = m.n_head
+    if m.mlp_hidden == 0:
+        m.mlp_hidden = 4 * m.n_embd if m.mlp == "gelu" else swiglu_hidden(m.n_embd)
+    for key in ("positions", "norm", "mlp"):
+        if getattr(m, key) not in CHOICES[f"model.{key}"]:
+            raise ConfigError(f"model.{key} '{getattr(m, key)}' is not one of {list(CHOICES['model.' + key])}")
+    for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(
+            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+            f"try n_head {max(h for h in range(1, m.n_head + 1) if m.n_embd % h == 0)}"
+        )
+    if m.n_head % m.n_kv_head:
+        raise ConfigError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head})")
+    if m.positions == "rope" and m.head_dim % 2:
+        raise ConfigError(f"rotary positions need an even head size, got n_embd/n_head = {m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    return m
+
+
+def resolve_config(cfg: Config) -> Config:
+    """A copy of `cfg` with every implied value filled in and every impossible combination refused."""
+    cfg = copy.deepcopy(cfg)
+    d, t = cfg.data, cfg.train
+    for key in ("data.tokenizer", "train.optimizer", "train.dtype", "train.sampler"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) not in CHOICES[key]:
+            raise ConfigError(f"{key} '{getattr(getattr(cfg, section), name)}' is not one of {list(CHOICES[key])}")
+    if d.block_size <= 0:
+        raise ConfigError(f"data.block_size must be positive, got {d.block_size}")
+    if d.vocab_size == 0 and d.tokenizer != "char":
+        d.vocab_size = 10000 if d.tokenizer == "word" else 4096
+    if d.tokenizer == "bpe" and d.vocab_size < 257:
+        raise ConfigError(f"a byte-level BPE needs data.vocab_size >= 257 (256 bytes + 1 special), got {d.vocab_size}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if cfg.model.block_size == 0:
+        cfg.model.block_size = d.block_size
+    elif cfg.model.block_size < d.block_size:
+        raise ConfigError(
+            f"data.block_size ({d.block_size}) exceeds model.block_size ({cfg.model.block_size}); "
+            "raise model.block_size or leave it 0 to follow data.block_size"
+        )
+    cfg.model = resolve_model(cfg.model)
+    for key in ("batch_size", "grad_accum", "eval_every", "log_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
+    if t.epochs > 0 and t.sampler != "epoch":
+        raise ConfigError("train.epochs needs train.sampler=epoch (each window once per epoch)")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError("set a budget: train.max_steps > 0 or train.epochs > 0 (with train.sampler=epoch)")
+    return cfg

@@ -1,0 +1,21 @@
+"""User-facing errors: each names the input that is wrong and how to fix it.
+
+The CLI prints an `LlmmoError` as one line on stderr and exits with status 2; anything else is an internal
+error (status 1, traceback only with `--debug`).
+"""
+
+
+class LlmmoError(Exception):
+    """A problem with the user's input, config, data or files, with a message that says what to do."""
+
+
+class ConfigError(LlmmoError):
+    """An unknown key, a value of the wrong type, or a combination of settings that cannot work."""
+
+
+class DataError(LlmmoError):
+    """A corpus that is missing, empty, not decodable, too short, or cannot be downloaded."""
+
+
+class CheckpointError(LlmmoError):
+    """A checkpoint folder that is missing, incomplete, corrupt, or of another format version."""
