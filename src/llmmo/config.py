@@ -138,8 +138,9 @@ def all_keys() -> dict[str, tuple[type, Any]]:
     return out
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.6)
+def unknown_key(key: str) -> ConfigError:
+    """The error for a key that no config section has, with the closest real key as a suggestion."""
+    close = difflib.get_close_matches(key, list(all_keys()) + list(SECTIONS), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; `llmmo train --help` lists every key"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -185,7 +186,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set one dotted key (`train.lr`) on `cfg`, coercing the value to the field's type."""
     keys = all_keys()
     if key not in keys:
-        raise _unknown_key(key)
+        raise unknown_key(key)
     section, name = key.split(".", 1)
     setattr(getattr(cfg, section), name, coerce(key, value, keys[key][0]))
 
@@ -197,7 +198,7 @@ def config_from_dict(tree: dict[str, Any], cfg: Config | None = None) -> Config:
         raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(tree).__name__}")
     for section, values in tree.items():
         if section not in SECTIONS:
-            raise _unknown_key(str(section))
+            raise unknown_key(str(section))
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping of keys, got {values!r}")
         for name, value in values.items():

@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU wheel of this torch lies on the project's machines; an unpinned torch would fetch a CUDA build.
+TORCH ?= torch==2.13.0
+# Tests and benchmarks read real data from LLMMO_DATA_DIR, by default ../shared/data when it exists.
+export LLMMO_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data))
+
+.PHONY: install demo test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	rm -rf runs/demo
+	$(VENV)/bin/llmmo train --config configs/demo.yaml
+	$(VENV)/bin/llmmo generate runs/demo/ckpt-best --prompt "def " --max-new-tokens 300 \
+		--temperature 0.8 --top-k 50 --seed 0
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

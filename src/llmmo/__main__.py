@@ -1,0 +1,5 @@
+import sys
+
+from llmmo.cli import main
+
+sys.exit(main())

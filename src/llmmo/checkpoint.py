@@ -1,0 +1,164 @@
+"""Checkpoint folders: safetensors weights + JSON config + tokenizer.json (+ trainer state), never pickles.
+
+```
+ckpt/
+  model.safetensors        weights (a tied output head is stored once, as the token embedding)
+  config.json              {"format_version", "llmmo_version", "model": {...}, "data": {...}, "step", "tokens"}
+  tokenizer.json           the tokenizer, loadable alone with `tokenizers`
+  trainer_state.json       step, token and FLOP counters, best val loss, optimizer hyper-parameters
+  trainer_state.safetensors  optimizer moments and RNG states
+```
+A folder is written beside its target under a temporary name and then swapped in, so a crash leaves either
+the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from llmmo import __version__
+from llmmo.config import DataConfig, ModelConfig, config_from_dict
+from llmmo.errors import CheckpointError
+from llmmo.model import Transformer
+from llmmo.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+REQUIRED = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint folder holds, loaded."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    data: DataConfig
+    meta: dict[str, Any] = field(default_factory=dict)  # config.json as read (step, tokens, versions)
+    trainer_state: dict[str, Any] | None = None  # JSON state + tensors, training checkpoints only
+
+
+def _write_atomically(path: Path, fill) -> None:
+    """Build the folder at a temporary name with `fill(tmp)`, then swap it in for `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    data: DataConfig,
+    trainer_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint folder; `trainer_state` ({"json": {...}, "tensors": {...}}) makes it resumable."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "llmmo_version": __version__,
+        "model": asdict(model.cfg),
+        "data": asdict(data),
+    }
+    if trainer_state is not None:
+        meta |= {k: trainer_state["json"][k] for k in ("step", "tokens") if k in trainer_state["json"]}
+
+    def fill(tmp: Path) -> None:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            del weights["lm_head.weight"]  # the same tensor as tok_emb.weight
+        safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(tmp / "tokenizer.json")
+        if trainer_state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state["json"], indent=2) + "\n")
+            tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state["tensors"].items()}
+            safetensors.torch.save_file(tensors, str(tmp / "trainer_state.safetensors"))
+
+    _write_atomically(Path(path), fill)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder, with its format checked."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder '{path}' does not exist; pass a folder with {', '.join(REQUIRED)} "
+            "(e.g. runs/NAME/ckpt-best)"
+        )
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}' is incomplete: {', '.join(missing)} missing; use another "
+            "checkpoint (ckpt-best or ckpt-latest) or train again"
+        )
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"'{path / 'config.json'}' is corrupt ({e}); use another checkpoint") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint '{path}' has format_version {version!r}, this llmmo ({__version__}) reads "
+            f"{FORMAT_VERSION}; load it with the llmmo version that wrote it ({meta.get('llmmo_version', '?')}) "
+            "and export it, or train again"
+        )
+    return meta
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(file))
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"'{file}' is corrupt or truncated ({e}); use another checkpoint (ckpt-best or ckpt-latest) or train again"
+        ) from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", trainer_state: bool = False) -> Checkpoint:
+    """Load the model (eval mode), tokenizer and data config of a checkpoint folder."""
+    path = Path(path)
+    meta = read_config(path)
+    try:
+        model_cfg = ModelConfig(**meta["model"])
+        data_cfg = config_from_dict({"data": meta.get("data", {})}).data
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"'{path / 'config.json'}' does not describe a model ({e}); use another checkpoint") from None
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    model = Transformer(model_cfg)
+    tensors = _load_tensors(path / "model.safetensors")
+    if model_cfg.tie_embeddings and "tok_emb.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["tok_emb.weight"]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in '{path}' do not fit its config.json: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    state = None
+    if trainer_state:
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"'{path}' holds no trainer state (an inference checkpoint); it cannot resume")
+        try:
+            state_json = json.loads((path / "trainer_state.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"'{path / 'trainer_state.json'}' is corrupt ({e})") from None
+        state = {"json": state_json, "tensors": _load_tensors(path / "trainer_state.safetensors")}
+    return Checkpoint(model=model, tokenizer=tokenizer, data=data_cfg, meta=meta, trainer_state=state)

@@ -1,0 +1,306 @@
+"""`llmmo <command>`: parses arguments, calls the library, prints. Nothing else lives here.
+
+Errors the user can fix (LlmmoError) print one line and exit 2; anything else is an internal error (exit 1),
+with a traceback only under --debug. Heavy imports (torch) happen inside the commands so --help is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmmo.config import all_keys, load_config, unknown_key
+from llmmo.errors import ConfigError, LlmmoError
+
+SECTION_HELP = {"model": "model shape", "data": "data and tokenizer", "train": "training loop"}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """--config FILE plus one --section.key option per config field, each showing its default."""
+    parser.add_argument("--config", metavar="FILE", help="a YAML recipe (see configs/); options below override it")
+    groups = {s: parser.add_argument_group(f"{s} options ({SECTION_HELP[s]})") for s in sections}
+    for key, (typ, default) in all_keys().items():
+        section = key.split(".")[0]
+        if section in groups:
+            type_name = getattr(typ, "__name__", str(typ)).replace("NoneType", "None")
+            groups[section].add_argument(
+                f"--{key}", dest=key, metavar=type_name.upper(), default=argparse.SUPPRESS, help=f"(default: {default})"
+            )
+
+
+def _config_from_args(args: argparse.Namespace, sections: tuple[str, ...]):
+    overrides = {k: v for k, v in vars(args).items() if k.split(".")[0] in sections and "." in k}
+    return load_config(args.config, overrides)
+
+
+def _reject_unknown(unknown: list[str]) -> None:
+    """argparse's message for unknown options does not suggest; ours does (did you mean)."""
+    import difflib
+
+    flags = [u for u in unknown if u.startswith("--")]
+    if not flags:
+        raise ConfigError(f"unexpected arguments: {' '.join(unknown)}")
+    name = flags[0][2:].split("=")[0]
+    if "." in name and name not in all_keys():
+        raise unknown_key(name)  # config.py words the did-you-mean for config keys
+    close = difflib.get_close_matches(name, [k for k in all_keys()] + ["config", "debug"], n=1)
+    hint = f"; did you mean --{close[0]}?" if close else "; see --help"
+    raise ConfigError(f"unknown option {flags[0]}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class ProgressReporter:
+    """A tqdm bar with loss, lr and tokens/s (its ETA is the run's); epoch runs print PyTorch-example lines."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        print(
+            f"training {info['params']:,} parameters on {info['device']}: {info['source']}, {info['tokenizer']}, "
+            f"{info['train_tokens']:,} train / {info['val_tokens']:,} val tokens -> {info['out_dir']}",
+            file=sys.stderr,
+        )
+        self.bar = tqdm(total=info["total_steps"], initial=info["start_step"], unit="step", dynamic_ncols=True)
+
+    def train_step(self, r: dict[str, Any]) -> None:
+        self.bar.update(r["step"] - self.bar.n)
+        self.bar.set_postfix(loss=f"{r['train_loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tok_per_s']:,.0f}")
+        if "epoch" in r:
+            pct = 100.0 * r["epoch_samples"] / r["epoch_total"]
+            self.bar.write(
+                f"Train Epoch: {r['epoch']} [{r['epoch_samples']}/{r['epoch_total']} ({pct:.0f}%)]  "
+                f"Loss: {r['train_loss']:.6f}"
+            )
+
+    def evaluation(self, r: dict[str, Any]) -> None:
+        where = f"Validation Epoch: {r['epoch']}" if "epoch" in r else f"step {r['step']}"
+        self.bar.write(
+            f"{where}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.2f}  bpb {r['val_bpb']:.4f}  "
+            f"(best {r['best_val_loss']:.4f})"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llmmo.train import Trainer
+
+    cfg = _config_from_args(args, ("model", "data", "train"))
+    reporter = ProgressReporter()
+    result = Trainer(cfg, reporter).run()
+    if reporter.bar is not None:
+        reporter.bar.close()
+    state = "interrupted (Ctrl-C); checkpoint saved, resume with --train.resume true" if result.interrupted else "done"
+    print(
+        f"{state}: step {result.step}, {result.tokens:,} tokens, {result.flops:.3e} FLOPs, "
+        f"best val loss {result.best_val_loss:.4f} -> {result.out_dir}/ckpt-best"
+    )
+    return 130 if result.interrupted else 0
+
+
+# ----------------------------------------------------------------------------------------- eval, info
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmmo.checkpoint import load_checkpoint
+    from llmmo.data import prepare_data, tokenize_file
+    from llmmo.evaluate import evaluate
+    from llmmo.train import pick_device
+
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device)
+    if args.file:
+        split, name = tokenize_file(args.file, ckpt.tokenizer, encoding=ckpt.data.encoding), args.file
+    else:
+        data = prepare_data(ckpt.data, tokenizer=ckpt.tokenizer, splits=(args.split,))
+        split, name = data.splits[args.split], f"{data.source} [{args.split}]"
+    result = evaluate(
+        ckpt.model,
+        split,
+        ckpt.tokenizer.token_bytes(),
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        device=device,
+    )
+    print(json.dumps({"checkpoint": str(args.checkpoint), "data": name} | result.as_dict(), indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from llmmo.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model, path = ckpt.model, Path(args.checkpoint)
+    info = {
+        "checkpoint": str(path),
+        "llmmo_version": ckpt.meta.get("llmmo_version"),
+        "format_version": ckpt.meta.get("format_version"),
+        "model": ckpt.meta["model"],
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(non_embedding=True),
+        "train_flops_per_token": model.flops_per_token(),
+        "tokenizer": {"kind": ckpt.tokenizer.kind, "vocab_size": ckpt.tokenizer.vocab_size},
+        "data": {"source": ckpt.data.path or ckpt.data.source, "block_size": ckpt.data.block_size},
+        "trained": {"step": ckpt.meta.get("step"), "tokens": ckpt.meta.get("tokens")},
+        "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmmo.checkpoint import load_checkpoint
+    from llmmo.generate import GenerationConfig, generate, stream
+    from llmmo.train import pick_device
+
+    prompts = args.prompt or [""]
+    if args.stream and len(prompts) > 1:
+        raise ConfigError("--stream shows one reply as it is written; give one --prompt, or drop --stream")
+    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        use_cache=not args.no_cache,
+    )
+    if args.stream:
+        sys.stdout.write(prompts[0])
+        for pieces in stream(ckpt.model, ckpt.tokenizer, prompts, gen):
+            sys.stdout.write(pieces[0])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for i, (prompt, text) in enumerate(zip(prompts, generate(ckpt.model, ckpt.tokenizer, prompts, gen), strict=True)):
+        if len(prompts) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(prompt + text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ tokenizer, data
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from llmmo.config import resolve_config
+    from llmmo.data import load_corpus
+    from llmmo.tokenizer import train_tokenizer
+
+    cfg = resolve_config(_config_from_args(args, ("data",)))
+    corpus = load_corpus(cfg.data, splits=(cfg.data.train_split,))
+    tokenizer = train_tokenizer(cfg.data.tokenizer, corpus.splits[cfg.data.train_split], cfg.data.vocab_size)
+    tokenizer.save(args.out)
+    print(f"{tokenizer!r} trained on {corpus.source} [{cfg.data.train_split}] -> {args.out}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from llmmo.config import resolve_config
+    from llmmo.data import prepare_data
+
+    cfg = resolve_config(_config_from_args(args, ("data",)))
+    data = prepare_data(cfg.data)
+    print(f"{data.source}: {data.tokenizer!r}")
+    for name, split in data.splits.items():
+        print(f"  {name}: {len(split):,} tokens, {split.n_bytes:,} bytes -> {split.path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
+    parser = argparse.ArgumentParser(
+        prog="llmmo", description="Train, evaluate and sample Transformer LMs.", parents=[common], allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        allow_abbrev=False,
+        help="train a model",
+        description="Train a model. Keys: --config recipe, then --section.key overrides.",
+    )
+    _add_config_options(p, ("model", "data", "train"))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", parents=[common], allow_abbrev=False, help="loss, perplexity, bits per byte")
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/ckpt-best)")
+    p.add_argument("--split", default="val", help="a split of the checkpoint's data source (default: val)")
+    p.add_argument("--file", help="evaluate on this text file instead of a split")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
+    p.add_argument("--max-batches", type=int, default=0, help="0: the whole split (default: 0)")
+    p.add_argument("--device", default="auto", help="(default: auto)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", parents=[common], allow_abbrev=False, help="sample text from a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="(default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 is off (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 is off (default: 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="(default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
+    p.add_argument("--no-cache", action="store_true", help="recompute the context each step (for checks)")
+    p.add_argument("--device", default="auto", help="(default: auto)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", parents=[common], help="tokenizer tools")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", parents=[common], allow_abbrev=False, help="train a tokenizer on a corpus")
+    _add_config_options(t, ("data",))
+    t.add_argument("--out", required=True, help="where to write tokenizer.json")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", parents=[common], help="data tools")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = dsub.add_parser("prepare", parents=[common], allow_abbrev=False, help="tokenize a corpus into the cache")
+    _add_config_options(d, ("data",))
+    d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("info", parents=[common], help="describe a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        if unknown:
+            _reject_unknown(unknown)
+        return args.func(args)
+    except LlmmoError as e:
+        print(f"llmmo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmmo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"llmmo: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Loss, perplexity and bits per byte of a model on a token split.
+
+Every token after the first is predicted once, from non-overlapping windows of block_size tokens. Bits per
+byte divides the summed loss (in bits) by the UTF-8 bytes of the predicted tokens, which makes models with
+different tokenizers comparable (as in Gao et al. 2020, The Pile).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmmo.data import TokenSplit, eval_windows
+from llmmo.model import Transformer
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy per token, nats
+    ppl: float  # exp(loss)
+    bpb: float  # bits per UTF-8 byte
+    tokens: int  # tokens predicted
+    bytes: int  # their UTF-8 bytes
+
+    def as_dict(self, prefix: str = "") -> dict[str, float | int]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+@torch.inference_mode()
+def evaluate(
+    model: Transformer,
+    split: TokenSplit,
+    token_bytes: np.ndarray,
+    batch_size: int = 16,
+    max_batches: int = 0,
+    device: str | torch.device = "cpu",
+    autocast: torch.autocast | None = None,
+) -> EvalResult:
+    """Evaluate `model` on `split` (the whole split, or its first `max_batches` batches)."""
+    was_training = model.training
+    model.eval()
+    nats, count, n_bytes = 0.0, 0, 0
+    byte_table = torch.from_numpy(token_bytes)
+    for x, y in eval_windows(split.tokens, model.cfg.block_size, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast or torch.autocast(device_type=torch.device(device).type, enabled=False):
+            logits, _ = model(x)
+        nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum").item()
+        targets = y[y >= 0].cpu()
+        count += targets.numel()
+        n_bytes += int(byte_table[targets].sum())
+    model.train(was_training)
+    loss = nats / max(count, 1)
+    return EvalResult(
+        loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=nats / math.log(2) / max(n_bytes, 1), tokens=count, bytes=n_bytes
+    )

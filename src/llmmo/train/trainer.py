@@ -1,0 +1,303 @@
+"""The training loop: batches -> model -> loss -> optimizer, with evaluation, checkpoints and a budget.
+
+The loop is deterministic given the config: batches are a pure function of (seed, step, micro-step), and
+the RNG state (dropout) travels in the checkpoint, so a resumed run repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from llmmo.config import Config, config_to_dict, resolve_config, resolve_model
+from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
+from llmmo.errors import ConfigError
+from llmmo.evaluate import evaluate
+from llmmo.model import Transformer
+from llmmo.train.metrics import MetricsLog
+from llmmo.train.optim import build_optimizer, lr_at
+
+
+class Reporter:
+    """Receives what the trainer measures, for display; the CLI's progress bar is one. This base ignores all."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+
+    def train_step(self, record: dict[str, Any]) -> None: ...
+
+    def evaluation(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    tokens: int
+    flops: int
+    best_val_loss: float
+    last_eval: dict[str, Any]
+    interrupted: bool  # stopped by Ctrl-C (a checkpoint was saved)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that run it fast ('auto'), or when asked ('bf16'); fp32 otherwise. CPUs without
+    bf16 matrix units run it ~100x slower than fp32, hence fp32 there by default."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Split the optimizer state into JSON (hyper-parameters) and tensors (moments), for safetensors."""
+    sd = opt.state_dict()
+    tensors = {f"optim.{pid}.{name}": value for pid, state in sd["state"].items() for name, value in state.items()}
+    return sd["param_groups"], tensors
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    """One training run. `run()` trains until the budget is spent (or Ctrl-C) and returns a TrainResult."""
+
+    def __init__(self, cfg: Config, reporter: Reporter | None = None):
+        self.cfg = resolve_config(cfg)
+        self.reporter = reporter or Reporter()
+        t = self.cfg.train
+        self.out_dir = Path(t.out_dir)
+        self.device = pick_device(t.device)
+        self.autocast = autocast_for(self.device, t.dtype)
+        resumed = self._load_resume_checkpoint()
+        torch.manual_seed(t.seed)
+
+        self.data: PreparedData = prepare_data(self.cfg.data, tokenizer=resumed.tokenizer if resumed else None)
+        self.cfg.model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=self.data.tokenizer.vocab_size))
+        self.model = resumed.model.train() if resumed else Transformer(self.cfg.model)
+        self.model.to(self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = build_optimizer(self.model, t)
+        self.token_bytes = self.data.tokenizer.token_bytes()
+
+        train_tokens = self.data.splits[self.cfg.data.train_split].tokens
+        sampler_cls = EpochWindows if t.sampler == "epoch" else RandomWindows
+        self.sampler = sampler_cls(train_tokens, self.cfg.data.block_size, t.batch_size, t.seed)
+        self.tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.block_size
+        self.total_steps = self._total_steps()
+        self.flops_per_token = self.model.flops_per_token()
+
+        self.step, self.tokens, self.best_val_loss, self.elapsed_before = 0, 0, math.inf, 0.0
+        if resumed:
+            self._restore(resumed)
+        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if resumed else None)
+
+    def _load_resume_checkpoint(self) -> Checkpoint | None:
+        latest = self.out_dir / "ckpt-latest"
+        if not self.cfg.train.resume:
+            if latest.exists():
+                raise ConfigError(
+                    f"'{self.out_dir}' already holds a run; pass --train.resume true to continue it, "
+                    "or choose another --train.out_dir"
+                )
+            return None
+        if not latest.exists():
+            raise ConfigError(f"--train.resume: no checkpoint at '{latest}'; train without resume first")
+        ckpt = load_checkpoint(latest, trainer_state=True)
+        self.cfg.model = ckpt.model.cfg  # the saved shape wins: a resumed run keeps its architecture
+        return ckpt
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        state, tensors = ckpt.trainer_state["json"], ckpt.trainer_state["tensors"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.best_val_loss, self.elapsed_before = state["best_val_loss"], state["elapsed_s"]
+        _restore_optimizer(self.optimizer, state["optimizer"], tensors)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.epochs > 0:
+            return t.epochs * self.sampler.steps_per_epoch // t.grad_accum
+        steps = t.max_steps
+        if t.max_tokens > 0:
+            steps = min(steps, math.ceil(t.max_tokens / self.tokens_per_step))
+        return steps
+
+    def _trainer_state(self) -> dict[str, Any]:
+        groups, tensors = _optimizer_state(self.optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        json_state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "flops": self.tokens * self.flops_per_token,
+            "best_val_loss": self.best_val_loss,
+            "elapsed_s": self.elapsed(),
+            "sampler": {"kind": self.cfg.train.sampler, "seed": self.cfg.train.seed},
+            "optimizer": groups,
+        }
+        return {"json": json_state, "tensors": tensors}
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.out_dir / name, self.model, self.data.tokenizer, self.cfg.data, self._trainer_state())
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "flops": self.tokens * self.flops_per_token,
+            "time_s": round(self.elapsed(), 3),
+        }
+
+    def evaluate_and_save(self) -> dict[str, Any]:
+        """Evaluate on the val split, record it, and write ckpt-latest (and ckpt-best when it improved)."""
+        t = self.cfg.train
+        val = evaluate(
+            self.model,
+            self.data.splits[self.cfg.data.val_split],
+            self.token_bytes,
+            batch_size=t.batch_size,
+            max_batches=t.eval_batches,
+            device=self.device,
+        )
+        record = self._counters() | val.as_dict(prefix="val_")
+        del record["val_tokens"], record["val_bytes"]
+        self.metrics.write(record)
+        self.save("ckpt-latest")
+        if val.loss < self.best_val_loss:
+            self.best_val_loss = val.loss
+            self.save("ckpt-best")
+        self.reporter.evaluation(record | {"best_val_loss": self.best_val_loss} | self._epoch_fields())
+        return record
+
+    def _epoch_fields(self) -> dict[str, Any]:
+        if self.cfg.train.sampler != "epoch":
+            return {}
+        per_epoch = self.sampler.steps_per_epoch // self.cfg.train.grad_accum
+        epoch, done = divmod(self.step, per_epoch)
+        if done == 0 and self.step > 0:  # the last step of an epoch belongs to it
+            epoch, done = epoch - 1, per_epoch
+        samples = self.cfg.train.batch_size * self.cfg.train.grad_accum
+        return {"epoch": epoch + 1, "epoch_samples": done * samples, "epoch_total": per_epoch * samples}
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns the training record."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            x, y = self.sampler.batch(self.step, micro)
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast:
+                _, loss = self.forward(x, y)
+            (loss / t.grad_accum).backward()
+            loss_sum += loss.item()
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        return {"train_loss": loss_sum / t.grad_accum, "lr": lr, "grad_norm": grad_norm}
+
+    def _budget_left(self) -> bool:
+        t = self.cfg.train
+        return self.step < self.total_steps and not (t.max_minutes > 0 and self.elapsed() >= 60 * t.max_minutes)
+
+    def _should_evaluate(self) -> bool:
+        if self.cfg.train.sampler == "epoch":  # once per epoch
+            return self.step % (self.sampler.steps_per_epoch // self.cfg.train.grad_accum) == 0
+        return self.step % self.cfg.train.eval_every == 0
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        self.t0 = time.perf_counter()
+        self.reporter.start(
+            {
+                "out_dir": str(self.out_dir),
+                "device": str(self.device),
+                "source": self.data.source,
+                "tokenizer": repr(self.data.tokenizer),
+                "params": self.model.num_params(),
+                "flops_per_token": self.flops_per_token,
+                "tokens_per_step": self.tokens_per_step,
+                "start_step": self.step,
+                "total_steps": self.total_steps,
+                "train_tokens": len(self.data.splits[self.cfg.data.train_split]),
+                "val_tokens": len(self.data.splits[self.cfg.data.val_split]),
+            }
+        )
+        last_eval: dict[str, Any] = {}
+        interrupted, evaluated_at = False, -1
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self._budget_left():
+                record = self.train_step()
+                window_tokens += self.tokens_per_step
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    record |= {"tok_per_s": window_tokens / max(now - window_start, 1e-9)}
+                    record = self._counters() | record
+                    self.metrics.write(record)
+                    self.reporter.train_step(record | self._epoch_fields())
+                    window_start, window_tokens = now, 0
+                if self._should_evaluate():
+                    last_eval, evaluated_at = self.evaluate_and_save(), self.step
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+        except KeyboardInterrupt:
+            interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped, not saved
+            self.save("ckpt-latest")
+            evaluated_at = self.step
+        if evaluated_at != self.step:
+            last_eval = self.evaluate_and_save()
+        self.metrics.close()
+        return TrainResult(
+            out_dir=self.out_dir,
+            step=self.step,
+            tokens=self.tokens,
+            flops=self.tokens * self.flops_per_token,
+            best_val_loss=self.best_val_loss,
+            last_eval=last_eval,
+            interrupted=interrupted,
+        )
+
+
+def train(cfg: Config, reporter: Reporter | None = None) -> TrainResult:
+    """Train a model as `cfg` says; see `Trainer`."""
+    return Trainer(cfg, reporter).run()
