@@ -141,7 +141,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         model_cfg = ModelConfig(**meta["model"])
         data_cfg = config_from_dict({"data": meta.get("data", {})}).data
     except (TypeError, KeyError) as e:
-        raise CheckpointError(f"'{path / 'config.json'}' does not describe a model ({e}); use another checkpoint") from None
+        raise CheckpointError(
+            f"'{path / 'config.json'}' does not describe a model ({e}); use another checkpoint"
+        ) from None
     tokenizer = Tokenizer.load(path / "tokenizer.json")
     model = Transformer(model_cfg)
     tensors = _load_tensors(path / "model.safetensors")
