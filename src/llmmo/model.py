@@ -59,6 +59,9 @@ class KVCache:
         mask = kpos[None, :] <= q[:, None]  # (T, pos+T): causal
         if self.pad is not None:
             mask = mask[None] & (kpos[None, None, :] >= self.pad[:, None, None])  # (B, T, pos+T)
+            # a padding query would see no key at all, and some attention kernels answer NaN for an empty
+            # softmax; letting it see itself keeps every value finite (its output is never used)
+            mask |= kpos[None, None, :] == q[None, :, None]
             return mask[:, None]
         return mask[None, None]
 
@@ -226,6 +229,8 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         if kv_cache is not None:
+            if kv_cache.pos + T > self.cfg.block_size:
+                raise ValueError(f"{kv_cache.pos + T} positions exceed block_size {self.cfg.block_size}")
             positions, mask = kv_cache.positions(T), kv_cache.attn_mask(T)
         else:
             if T > self.cfg.block_size:

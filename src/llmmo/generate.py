@@ -1,0 +1,437 @@
+"""Text generation: sample from a trained model, with a KV cache, batches of prompts and streaming.
+
+Three layers, each built on the one below:
+- `generate_ids`: token ids in, one new token per row per step out;
+- `stream`: text in, one new piece of text per row per step out (what a chat window or the CLI prints);
+- `generate`: text in, the finished completions out.
+
+Each step turns the logits of the last position into the next token through one pipeline (`sample_next`):
+repetition penalty -> temperature -> top-k -> top-p -> softmax -> a draw (or argmax when temperature is 0).
+
+Several prompts run as one batch: shorter ones are left-padded, and the KV cache masks the padding out and
+counts positions from each row's first real token, so greedy decoding gives each row what it gives alone.
+
+Context longer than the model's block_size:
+- without the cache (`use_cache=False`) every step re-runs the model on the last block_size tokens (nanoGPT);
+- with the cache, which holds at most block_size positions, a full cache is re-filled from the last
+  block_size // 2 tokens (one prefill, positions restart at 0) and decoding goes on from there.
+Both see exactly the same context while prompt + completion fit in block_size, so greedy decoding gives the
+same tokens either way; past it the cache sees between block_size / 2 and block_size tokens, the cropped
+forward always block_size. That is the price of not recomputing block_size tokens at every step. A batch
+shares one cache, so its refills follow the longest row: a row equals its prompt run alone while the longest
+row fits in block_size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from llmmo.errors import ConfigError
+from llmmo.model import KVCache
+from llmmo.tokenizer import Tokenizer
+
+# Prompt tokens decoded in front of the new ones, so that the first piece of text gets the spacing that follows
+# the prompt (the word tokenizer joins words with spaces); the same window as Hugging Face TGI's detokenizer.
+DECODE_CONTEXT = 5
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick each next token, and when to stop."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # divides the logits; 0 means greedy (argmax)
+    top_k: int = 0  # sample among the k most likely tokens only; 0: off
+    top_p: float = 1.0  # nucleus (Holtzman et al. 2020): the fewest tokens whose probability reaches p; 1: off
+    repetition_penalty: float = 1.0  # > 1 makes tokens of the prompt or output less likely (CTRL); 1: off
+    seed: int | None = None  # seeds the draws, so that a seed gives the same text; None: torch's global RNG
+    stop: tuple[str, ...] = ()  # a row ends when its text contains one of these; the text is cut before it
+    use_cache: bool = True  # False: re-run the whole context at every step (slow; a reference)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # stop="\n" means one stop string, not one per character
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, saying which and why."""
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ConfigError(f"stop strings must be non-empty strings, got {s!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logits -> next token
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make the tokens marked in `seen` (B, V) less likely when penalty > 1 (CTRL, Keskar et al. 2019).
+
+    As in transformers, a positive logit is divided by the penalty and a negative one multiplied by it, so
+    that the penalty always pushes away from the token (dividing a negative logit would raise it).
+    """
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th stay too); the others become -inf."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the fewest most likely tokens whose probabilities add up to at least p; the others become -inf."""
+    if p >= 1:
+        return logits
+    # stable: equal logits keep their order, so the first kept token is the one argmax picks
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # a token goes when the more likely ones already reach p; the most likely (mass before it 0 < p) stays
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits of the next token -> the logits to sample from (float32; -inf marks a filtered token).
+
+    Greedy (temperature 0) applies only the repetition penalty: the filters never change the argmax.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are too coarse to sample
+    if seen is not None and gen.repetition_penalty != 1:
+        logits = apply_repetition_penalty(logits, seen, gen.repetition_penalty)
+    if gen.temperature == 0:
+        return logits
+    logits = logits / gen.temperature
+    logits = top_k_filter(logits, gen.top_k)
+    return top_p_filter(logits, gen.top_p)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    gen: GenerationConfig,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens: argmax when temperature is 0, else a draw from the processed logits."""
+    logits = process_logits(logits, gen, seen)
+    if gen.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token ids in, token ids out
+
+
+def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of token ids -> (B, L) ids left-padded with token 0, and the padding per row (None if none)."""
+    width = max(len(r) for r in rows)
+    pad = [width - len(r) for r in rows]
+    ids = torch.tensor([[0] * p + r for p, r in zip(pad, rows, strict=True)], dtype=torch.long, device=device)
+    return ids, (torch.tensor(pad, device=device) if any(pad) else None)
+
+
+def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    cfg = model.cfg
+    if len(prompts) == 0:
+        raise ConfigError("no prompts to generate from; pass a list with at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i} has no tokens; start it with at least one (e.g. the tokenizer's eot_id)")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ConfigError(f"prompt {i} has token ids outside the model's vocabulary [0, {cfg.vocab_size})")
+        if len(p) > cfg.block_size and cfg.positions == "learned":
+            raise ConfigError(
+                f"prompt {i} has {len(p)} tokens, more than the model's block_size {cfg.block_size}, and learned "
+                f"positions cannot go further; shorten it to the last {cfg.block_size} tokens"
+            )
+
+
+class _Decoder:
+    """One batch being decoded: every row's tokens so far, the KV cache, and which rows have finished.
+
+    Each `step` computes the logits of the tokens added by the step before (so no forward pass is spent after
+    the last step), picks one token per row and appends it.
+    """
+
+    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig, eos_id: int | None):
+        gen.validate()  # a config mutated after construction is checked again
+        _check_prompts(model, prompts)
+        param = next(model.parameters())
+        self.model, self.gen, self.eos_id = model, gen, eos_id
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = model.cfg.block_size
+        self.rows = [list(p) for p in prompts]  # prompt + completion of every row
+        self.done = [False] * len(self.rows)
+        self.steps = 0
+        self.cache: KVCache | None = None
+        self.last: torch.Tensor | None = None  # (B, 1) tokens picked by the previous step, fed to the cache next
+        self.generator = None
+        if gen.seed is not None:
+            self.generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        self.seen = None  # (B, V) tokens of the prompt and output, for the repetition penalty
+        if gen.repetition_penalty != 1:
+            self.seen = torch.zeros(len(self.rows), model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            for b, row in enumerate(self.rows):
+                self.seen[b, torch.tensor(row, device=self.device)] = True
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.gen.max_new_tokens or all(self.done)
+
+    def finish(self, row: int) -> None:
+        """End a row early (a stop string was found in its text); it yields None from now on."""
+        self.done[row] = True
+
+    @torch.inference_mode()
+    def step(self) -> list[int | None]:
+        """The next token of every row; None for rows that had already finished."""
+        logits = self._logits_with_cache() if self.gen.use_cache else self._logits_without_cache()
+        tokens = sample_next(logits, self.gen, self.seen, self.generator)
+        self.last = tokens[:, None]
+        out: list[int | None] = []
+        for b, t in enumerate(tokens.tolist()):
+            if self.done[b]:
+                out.append(None)
+                continue
+            self.rows[b].append(t)
+            out.append(t)
+            if self.seen is not None:
+                self.seen[b, t] = True
+            if t == self.eos_id:
+                self.done[b] = True
+        self.steps += 1
+        return out
+
+    def _prefill(self, window: int) -> torch.Tensor:
+        """A fresh cache filled with the last `window` tokens of every row; the logits of their last position."""
+        contexts = [row[-window:] for row in self.rows]
+        ids, pad = _left_pad(contexts, self.device)
+        # room for the tokens still to be fed (the last pick is never fed), at most block_size positions
+        to_feed = self.gen.max_new_tokens - self.steps - 1
+        max_len = min(self.block_size, ids.size(1) + to_feed)
+        self.cache = KVCache(self.model.cfg, len(self.rows), max_len, pad=pad, device=self.device, dtype=self.dtype)
+        logits, _ = self.model(ids, kv_cache=self.cache)
+        return logits[:, -1]
+
+    def _logits_with_cache(self) -> torch.Tensor:
+        if self.cache is None:
+            return self._prefill(self.block_size)
+        if self.cache.pos >= self.cache.max_len:
+            # full: start over from the last half block rather than re-running block_size tokens every step
+            return self._prefill(max(1, self.block_size // 2))
+        # finished rows are fed too (their last pick, ignored): dropping them would mean re-packing the cache
+        logits, _ = self.model(self.last, kv_cache=self.cache)
+        return logits[:, -1]
+
+    def _logits_without_cache(self) -> torch.Tensor:
+        """nanoGPT: run the model on each row's last block_size tokens. The plain forward has no padding mask,
+        so rows share a forward pass only when their contexts are equally long; finished rows are skipped."""
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        logits = torch.zeros(len(self.rows), self.model.cfg.vocab_size, device=self.device, dtype=dtype)
+        groups: dict[int, list[int]] = {}
+        for b, row in enumerate(self.rows):
+            if not self.done[b]:
+                groups.setdefault(min(len(row), self.block_size), []).append(b)
+        for members in groups.values():
+            ids = torch.tensor([self.rows[b][-self.block_size :] for b in members], device=self.device)
+            out, _ = self.model(ids)
+            logits[members] = out[:, -1].to(dtype)
+        return logits
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while generating; the model's previous mode comes back when generation ends or is closed."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _run(model: nn.Module, decoder: _Decoder) -> Iterator[list[int | None]]:
+    with _eval_mode(model):
+        while not decoder.finished:
+            yield decoder.step()
+
+
+def generate_ids(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    gen: GenerationConfig | None = None,
+    eos_id: int | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, step by step, the new token of each prompt's row (None once a row has finished).
+
+    A row finishes after gen.max_new_tokens tokens, or when it generates `eos_id` (which is yielded). Stop
+    strings are text and are handled by `stream`. With rotary positions a prompt longer than block_size is
+    cropped to its last block_size tokens (learned positions refuse it). Inputs are checked now, before the
+    first step; the model is in eval mode from the first step until the iterator is exhausted or closed. With a
+    seed, rows of one batch share one random stream: a prompt sampled in a batch does not give the text it
+    gives alone (greedy decoding does, within block_size; see the module's docstring).
+    """
+    gen = gen if gen is not None else GenerationConfig()
+    decoder = _Decoder(model, prompts, gen, eos_id)
+    return _run(model, decoder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that a stop string starts with (text that must wait)."""
+    longest = max((len(s) for s in stops), default=1)
+    for n in range(min(len(text), longest - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
+class _RowText:
+    """Turns one row's new tokens into pieces of text whose concatenation is the row's completion.
+
+    Decoding is incremental (as in Hugging Face TGI): the tokens since `prefix` are decoded, and the part after
+    the text of tokens[prefix:read] is new. A decoded tail ending in U+FFFD is a character whose UTF-8 bytes
+    are split across tokens: it waits for the next token. Text that could be the start of a stop string waits
+    until the next tokens show whether it is one.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids = prompt[-DECODE_CONTEXT:]
+        self.prefix, self.read = 0, len(self.ids)
+        self.prefix_text = tokenizer.decode(self.ids)
+        self.held = ""  # decoded text not given out yet: it may be the start of a stop string
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now certain ("" when nothing is)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) <= len(self.prefix_text) or text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.prefix_text) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        return self._release(piece)
+
+    def finish(self) -> str:
+        """The row ended: everything still held back (an unfinished character decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        out = self._release(text[len(self.prefix_text) :])
+        if not self.done:
+            out, self.held = out + self.held, ""
+        self.done = True
+        return out
+
+    def _release(self, piece: str) -> str:
+        text = self.held + piece
+        cut = _find_stop(text, self.stop)
+        if cut is not None:
+            self.done, self.held = True, ""
+            return text[:cut]
+        # Nothing given out so far ends with a stop string's start (else it would be held), so a stop string
+        # can only begin within `text`: searching held + piece is enough.
+        keep = _partial_stop(text, self.stop)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+
+def _encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    if isinstance(prompts, str):
+        raise ConfigError("prompts must be a list of strings; wrap a single prompt as [prompt]")
+    if len(prompts) == 0:
+        raise ConfigError("no prompts to generate from; pass a list with at least one prompt")
+    out = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise ConfigError(f"prompt {i} must be a string, got {type(text).__name__}")
+        if text:
+            out.append(tokenizer.encode(text))  # a char tokenizer raises DataError on an unknown character
+        elif tokenizer.eot_id is not None:
+            out.append([tokenizer.eot_id])  # nothing to continue: start as a new document does
+        else:
+            raise ConfigError(
+                f"prompt {i} is empty and a {tokenizer.kind} tokenizer has no end-of-text token to start from; "
+                "give a prompt of at least one character"
+            )
+    return out
+
+
+def stream(
+    model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], gen: GenerationConfig | None = None
+) -> Iterator[list[str]]:
+    """Yield, step by step, the new text of each prompt's row ("" when nothing is certain yet).
+
+    The pieces of a row add up to its completion (without the prompt), as `generate` returns it: a character
+    split across tokens and text that may begin a stop string are held back until settled. A bpe row also ends
+    at the tokenizer's end-of-text token (not part of the text); the word tokenizer's <eos> ends a line only.
+    """
+    gen = gen if gen is not None else GenerationConfig()
+    ids = _encode_prompts(tokenizer, prompts)
+    eos_id = tokenizer.eot_id if tokenizer.kind == "bpe" else None
+    decoder = _Decoder(model, ids, gen, eos_id)
+    rows = [_RowText(tokenizer, p, gen.stop) for p in ids]
+    return _stream_text(model, decoder, rows, eos_id)
+
+
+def _stream_text(model: nn.Module, decoder: _Decoder, rows: list[_RowText], eos_id: int | None) -> Iterator[list[str]]:
+    with contextlib.closing(_run(model, decoder)) as steps:  # closing this stream closes the steps (eval mode)
+        yield from _pieces(steps, decoder, rows, eos_id)
+
+
+def _pieces(
+    steps: Iterator[list[int | None]], decoder: _Decoder, rows: list[_RowText], eos_id: int | None
+) -> Iterator[list[str]]:
+    for tokens in steps:
+        pieces = []
+        for b, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if token is None:
+                pieces.append("")
+                continue
+            pieces.append(row.finish() if token == eos_id else row.push(token))
+            if row.done:
+                decoder.finish(b)
+        if decoder.finished:  # out of tokens: give out what was held back
+            pieces = [piece + ("" if row.done else row.finish()) for piece, row in zip(pieces, rows, strict=True)]
+        yield pieces
+
+
+def generate(
+    model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], gen: GenerationConfig | None = None
+) -> list[str]:
+    """The completion of each prompt (without the prompt): `stream`'s pieces put together."""
+    parts: list[list[str]] = [[] for _ in prompts]
+    for pieces in stream(model, tokenizer, prompts, gen):
+        for part, piece in zip(parts, pieces, strict=True):
+            part.append(piece)
+    return ["".join(part) for part in parts]
