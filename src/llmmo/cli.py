@@ -68,11 +68,18 @@ class ProgressReporter:
             f"{info['train_tokens']:,} train / {info['val_tokens']:,} val tokens -> {info['out_dir']}",
             file=sys.stderr,
         )
-        self.bar = tqdm(total=info["total_steps"], initial=info["start_step"], unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=info["total_steps"],
+            initial=info["start_step"],
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not 10 a second
+        )
 
     def train_step(self, r: dict[str, Any]) -> None:
+        postfix = {"loss": f"{r['train_loss']:.4f}", "lr": f"{r['lr']:.2e}", "tok_s": f"{r['tok_per_s']:,.0f}"}
+        self.bar.set_postfix(postfix, refresh=False)  # shown at the bar's own pace (update below)
         self.bar.update(r["step"] - self.bar.n)
-        self.bar.set_postfix(loss=f"{r['train_loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tok_per_s']:,.0f}")
         if "epoch" in r:
             pct = 100.0 * r["epoch_samples"] / r["epoch_total"]
             self.bar.write(
@@ -195,14 +202,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from llmmo.config import resolve_config
-    from llmmo.data import load_corpus
-    from llmmo.tokenizer import train_tokenizer
+    from llmmo.data import fit_tokenizer
 
     cfg = resolve_config(_config_from_args(args, ("data",)))
-    corpus = load_corpus(cfg.data, splits=(cfg.data.train_split,))
-    tokenizer = train_tokenizer(cfg.data.tokenizer, corpus.splits[cfg.data.train_split], cfg.data.vocab_size)
+    tokenizer = fit_tokenizer(cfg.data)
     tokenizer.save(args.out)
-    print(f"{tokenizer!r} trained on {corpus.source} [{cfg.data.train_split}] -> {args.out}")
+    print(f"{tokenizer!r} trained on {cfg.data.path or cfg.data.source} [{cfg.data.train_split}] -> {args.out}")
     return 0
 
 

@@ -107,15 +107,17 @@ class Trainer:
 
         train_tokens = self.data.splits[self.cfg.data.train_split].tokens
         sampler_cls = EpochWindows if t.sampler == "epoch" else RandomWindows
-        self.sampler = sampler_cls(train_tokens, self.cfg.data.block_size, t.batch_size, t.seed)
+        self.sampler = sampler_cls(
+            train_tokens, self.cfg.data.block_size, t.batch_size, t.seed, grad_accum=t.grad_accum
+        )
         self.tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.block_size
         self.total_steps = self._total_steps()
         self.flops_per_token = self.model.flops_per_token()
 
         self.step, self.tokens, self.best_val_loss, self.elapsed_before = 0, 0, math.inf, 0.0
+        self.resumed = resumed is not None
         if resumed:
             self._restore(resumed)
-        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if resumed else None)
 
     def _load_resume_checkpoint(self) -> Checkpoint | None:
         latest = self.out_dir / "ckpt-latest"
@@ -144,7 +146,7 @@ class Trainer:
     def _total_steps(self) -> int:
         t = self.cfg.train
         if t.epochs > 0:
-            return t.epochs * self.sampler.steps_per_epoch // t.grad_accum
+            return t.epochs * self.sampler.optimizer_steps_per_epoch
         steps = t.max_steps
         if t.max_tokens > 0:
             steps = min(steps, math.ceil(t.max_tokens / self.tokens_per_step))
@@ -204,7 +206,7 @@ class Trainer:
     def _epoch_fields(self) -> dict[str, Any]:
         if self.cfg.train.sampler != "epoch":
             return {}
-        per_epoch = self.sampler.steps_per_epoch // self.cfg.train.grad_accum
+        per_epoch = self.sampler.optimizer_steps_per_epoch
         epoch, done = divmod(self.step, per_epoch)
         if done == 0 and self.step > 0:  # the last step of an epoch belongs to it
             epoch, done = epoch - 1, per_epoch
@@ -239,12 +241,13 @@ class Trainer:
 
     def _should_evaluate(self) -> bool:
         if self.cfg.train.sampler == "epoch":  # once per epoch
-            return self.step % (self.sampler.steps_per_epoch // self.cfg.train.grad_accum) == 0
+            return self.step % self.sampler.optimizer_steps_per_epoch == 0
         return self.step % self.cfg.train.eval_every == 0
 
     def run(self) -> TrainResult:
         t = self.cfg.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if self.resumed else None)
         (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         self.t0 = time.perf_counter()
         self.reporter.start(

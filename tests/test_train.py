@@ -1,0 +1,177 @@
+"""Training on real text: loss falls, resume is exact, the golden curve holds, budgets and Ctrl-C behave."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from llmmo.checkpoint import load_checkpoint
+from llmmo.config import load_config
+from llmmo.errors import ConfigError
+from llmmo.evaluate import evaluate
+from llmmo.train import Reporter, Trainer
+
+GOLDEN = Path(__file__).parent / "golden" / "tinyshakespeare-50-steps.json"
+
+
+def tiny(out_dir: Path, **overrides) -> dict:
+    """A seconds-sized char model on tinyshakespeare."""
+    return {
+        "data.source": "tinyshakespeare",
+        "data.block_size": 32,
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "train.batch_size": 4,
+        "train.lr": 3e-3,
+        "train.min_lr": 3e-4,
+        "train.warmup_steps": 10,
+        "train.max_steps": 50,
+        "train.log_every": 1,
+        "train.eval_every": 25,
+        "train.eval_batches": 4,
+        "train.out_dir": str(out_dir),
+    } | overrides
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def test_char_shakespeare_learns_within_a_minute(data_dir: Path, tmp_path: Path) -> None:
+    """The CPU recipe's shape (0.8M parameters): val loss from ~ln(65) = 4.17 to below 2.5 in under 60 s."""
+    cfg = load_config(
+        "configs/shakespeare-char.yaml",
+        {
+            "model.n_layer": 4,
+            "model.n_head": 4,
+            "model.n_embd": 128,
+            "model.dropout": 0.0,
+            "data.block_size": 64,
+            "train.batch_size": 12,
+            "train.max_steps": 600,
+            "train.max_minutes": 0.75,
+            "train.eval_every": 300,
+            "train.out_dir": str(tmp_path / "run"),
+        },
+    )
+    trainer = Trainer(cfg)
+    val = trainer.data.splits["val"]
+    before = evaluate(trainer.model, val, trainer.token_bytes, batch_size=64)
+    start = time.perf_counter()
+    result = trainer.run()
+    seconds = time.perf_counter() - start
+    after = evaluate(trainer.model, val, trainer.token_bytes, batch_size=64)
+    print(f"val loss {before.loss:.3f} -> {after.loss:.3f} in {seconds:.1f} s, {result.step} steps")
+    assert abs(before.loss - math.log(65)) < 0.1
+    assert after.loss < 2.5
+    assert seconds < 60
+    assert after.bpb == pytest.approx(after.loss / math.log(2), rel=1e-6)  # one byte per character
+    assert result.best_val_loss == pytest.approx(after.loss, abs=1e-6) or result.best_val_loss < after.loss
+
+
+class StopAt(Reporter):
+    """Simulates Ctrl-C after a given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def train_step(self, record: dict) -> None:
+        if record["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(data_dir: Path, tmp_path: Path) -> None:
+    settings = {"model.dropout": 0.1, "train.max_steps": 30, "train.eval_every": 10, "train.grad_accum": 2}
+    whole = Trainer(load_config(overrides=tiny(tmp_path / "whole", **settings))).run()
+    cut = Trainer(load_config(overrides=tiny(tmp_path / "cut", **settings)), StopAt(17)).run()
+    assert cut.interrupted and cut.step == 17
+    resumed = Trainer(load_config(overrides=tiny(tmp_path / "cut", **settings) | {"train.resume": True})).run()
+    assert resumed.step == whole.step == 30 and not resumed.interrupted
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    for step in range(18, 31):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    assert resumed.best_val_loss == pytest.approx(whole.best_val_loss, abs=1e-6)
+
+
+def test_golden_curve(data_dir: Path, tmp_path: Path) -> None:
+    """The first 50 losses of a tiny seeded model; any change to the numerics must update this file on purpose
+    (regenerate with LLMMO_UPDATE_GOLDEN=1)."""
+    import os
+
+    Trainer(load_config(overrides=tiny(tmp_path / "run"))).run()
+    got = [losses(tmp_path / "run")[s] for s in range(1, 51)]
+    if os.environ.get("LLMMO_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"train_loss": got}, indent=1) + "\n")
+    expected = json.loads(GOLDEN.read_text())["train_loss"]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert sum(expected[-5:]) / 5 < sum(expected[:5]) / 5 - 0.5  # and it does learn
+
+
+def test_wikitext2_valid_trains_with_the_word_tokenizer(data_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        "configs/seed-wikitext2.yaml",
+        {
+            "data.train_split": "valid",
+            "data.val_split": "test",
+            "model.n_layer": 1,
+            "model.n_embd": 64,
+            "model.n_head": 2,
+            "train.sampler": "random",
+            "train.epochs": 0,
+            "train.max_steps": 8,
+            "train.batch_size": 8,
+            "train.eval_batches": 2,
+            "train.log_every": 1,
+            "train.out_dir": str(tmp_path / "r"),
+        },
+    )
+    trainer = Trainer(cfg)
+    assert trainer.data.tokenizer.kind == "word" and trainer.data.tokenizer.vocab_size == 10000
+    result = trainer.run()
+    run = losses(tmp_path / "r")
+    assert result.step == 8 and run[8] < run[1]
+    assert 0 < result.last_eval["val_loss"] < math.log(10000) + 0.5
+
+
+def test_budgets_stop_the_run(data_dir: Path, tmp_path: Path) -> None:
+    by_tokens = Trainer(load_config(overrides=tiny(tmp_path / "t", **{"train.max_tokens": 1000}))).run()
+    assert by_tokens.step == math.ceil(1000 / (4 * 32)) and by_tokens.tokens == by_tokens.step * 128
+    by_time = Trainer(load_config(overrides=tiny(tmp_path / "m", **{"train.max_minutes": 1e-9}))).run()
+    assert by_time.step <= 1
+    assert (tmp_path / "m" / "ckpt-latest" / "model.safetensors").is_file()
+
+
+def test_run_folder_follows_the_conventions(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 10, "train.eval_every": 5}))).run()
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "metrics.jsonl", "ckpt-latest", "ckpt-best"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rec = next(r for r in records if "train_loss" in r)
+    eval_rec = next(r for r in records if "val_loss" in r)
+    assert {"step", "tokens", "flops", "train_loss", "lr", "tok_per_s", "grad_norm", "time_s"} <= set(train_rec)
+    assert {"step", "tokens", "flops", "val_loss", "val_ppl", "val_bpb", "time_s"} <= set(eval_rec)
+    assert eval_rec["flops"] == eval_rec["tokens"] * load_checkpoint(out / "ckpt-latest").model.flops_per_token()
+    for ckpt in ("ckpt-latest", "ckpt-best"):
+        names = {p.name for p in (out / ckpt).iterdir()}
+        assert names == {
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "trainer_state.json",
+            "trainer_state.safetensors",
+        }
+    resolved = (out / "config.yaml").read_text()
+    assert "positions: learned" in resolved and "n_kv_head: 2" in resolved  # every default spelled out
+
+
+def test_existing_run_is_not_overwritten(data_dir: Path, tmp_path: Path) -> None:
+    Trainer(load_config(overrides=tiny(tmp_path / "r", **{"train.max_steps": 2}))).run()
+    with pytest.raises(ConfigError, match="already holds a run; pass --train.resume true"):
+        Trainer(load_config(overrides=tiny(tmp_path / "r", **{"train.max_steps": 2})))
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        Trainer(load_config(overrides=tiny(tmp_path / "new", **{"train.resume": True})))
