@@ -83,6 +83,26 @@ def test_train_eval_generate_info(checkpoint: Path, tmp_path: Path) -> None:
     )
     assert batch.stdout.count("--- sample") == 2
 
+    full = run("generate", str(checkpoint), "--prompt", "ROMEO:\\n", "--max-new-tokens", "60", "--temperature", "0")
+    stopped = run(
+        "generate",
+        str(checkpoint),
+        "--prompt",
+        "ROMEO:\\n",
+        "--max-new-tokens",
+        "60",
+        "--temperature",
+        "0",
+        "--stop",
+        "\\n",
+        "--stop",
+        "e",
+    )  # typed as backslash-n, as in a shell
+    completion = full.stdout.removeprefix("ROMEO:\n").removesuffix("\n")
+    expected = re.split("\n|e", completion)[0]
+    assert len(expected) < len(completion)  # a stop string did occur
+    assert stopped.stdout == "ROMEO:\n" + expected + "\n"
+
     info = json.loads(run("info", str(checkpoint)).stdout)
     assert info["tokenizer"] == {"kind": "char", "vocab_size": 65}
     assert info["params"] > 0 and info["train_flops_per_token"] > 6 * info["params_non_embedding"]

@@ -164,12 +164,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- generate
 
 
+def unescape(text: str) -> str:
+    r"""Backslash escapes typed on a command line (\n, \t, \\) become the characters; other text is kept."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
     from llmmo.generate import GenerationConfig, generate, stream
     from llmmo.train import pick_device
 
-    prompts = args.prompt or [""]
+    prompts = [unescape(p) for p in args.prompt or [""]]
     if args.stream and len(prompts) > 1:
         raise ConfigError("--stream shows one reply as it is written; give one --prompt, or drop --stream")
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
@@ -180,7 +185,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        stop=tuple(args.stop),
+        stop=tuple(unescape(s) for s in args.stop),
         use_cache=not args.no_cache,
     )
     if args.stream:
@@ -255,14 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], allow_abbrev=False, help="sample text from a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder")
-    p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: empty)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt (\\n and other escapes understood); repeat for a batch (default: empty)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="(default: 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="0 is off (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="1 is off (default: 1.0)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="(default: random)")
-    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop string (escapes understood, e.g. '\\n\\n'); repeatable"
+    )
     p.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (for checks)")
     p.add_argument("--device", default="auto", help="(default: auto)")

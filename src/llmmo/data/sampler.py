@@ -36,45 +36,8 @@ def _check_micro(micro: int, grad_accum: int) -> None:
         raise ValueError(f"micro-batch {micro} is not in [0, grad_accum={grad_accum}); pass grad_accum to the sampler")
 
 
-class RandomWindows:
-    """Windows at uniformly random offsets, drawn afresh for every (step, micro, rank) from a seeded generator.
-
-    Takes the same arguments as EpochWindows, so that either can be built the same way; `grad_accum` here only
-    bounds `micro`.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        grad_accum: int = 1,
-    ):
-        _check(tokens, block_size, rank, world_size)
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.grad_accum = seed, rank, grad_accum
-
-    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_micro(micro, self.grad_accum)
-        rng = np.random.default_rng((self.seed, step, micro, self.rank))
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        return _windows(self.tokens, starts, self.block_size)
-
-
-class EpochWindows:
-    """Every non-overlapping window once per epoch, in a permutation seeded by (seed, epoch).
-
-    Window i starts at token i * block_size. Each epoch's permutation is dealt to the ranks in turn (rank r gets
-    positions r, r + world_size, ...), and each rank cuts its share into `steps_per_epoch` batches of
-    `batch_size`, leftovers dropped. So `steps_per_epoch` counts batches (micro-batches). An optimizer step takes
-    `grad_accum` consecutive batches: an epoch has optimizer_steps_per_epoch = steps_per_epoch // grad_accum of
-    them, and micro-batch `micro` of optimizer step `step` is batch (step % optimizer_steps_per_epoch) *
-    grad_accum + micro of epoch step // optimizer_steps_per_epoch. Batches that would not fill a last optimizer
-    step sit out that epoch, like the leftover windows.
-    """
+class _Windows:
+    """What both training samplers share: the token array, the batch shape, and who draws (rank, micro-step)."""
 
     def __init__(
         self,
@@ -89,15 +52,41 @@ class EpochWindows:
         _check(tokens, block_size, rank, world_size)
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
-        self.n_windows = (len(tokens) - 1) // block_size
-        self.steps_per_epoch = self.n_windows // world_size // batch_size
-        self.optimizer_steps_per_epoch = self.steps_per_epoch // grad_accum
+
+
+class RandomWindows(_Windows):
+    """Windows at uniformly random offsets, drawn afresh for every (step, micro, rank) from a seeded generator."""
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_micro(micro, self.grad_accum)
+        rng = np.random.default_rng((self.seed, step, micro, self.rank))
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        return _windows(self.tokens, starts, self.block_size)
+
+
+class EpochWindows(_Windows):
+    """Every non-overlapping window once per epoch, in a permutation seeded by (seed, epoch).
+
+    Window i starts at token i * block_size. Each epoch's permutation is dealt to the ranks in turn (rank r gets
+    positions r, r + world_size, ...), and each rank cuts its share into `steps_per_epoch` batches of
+    `batch_size`, leftovers dropped. So `steps_per_epoch` counts batches (micro-batches). An optimizer step takes
+    `grad_accum` consecutive batches: an epoch has optimizer_steps_per_epoch = steps_per_epoch // grad_accum of
+    them, and micro-batch `micro` of optimizer step `step` is batch (step % optimizer_steps_per_epoch) *
+    grad_accum + micro of epoch step // optimizer_steps_per_epoch. Batches that would not fill a last optimizer
+    step sit out that epoch, like the leftover windows.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.n_windows = (len(self.tokens) - 1) // self.block_size
+        self.steps_per_epoch = self.n_windows // self.world_size // self.batch_size
+        self.optimizer_steps_per_epoch = self.steps_per_epoch // self.grad_accum
         if self.optimizer_steps_per_epoch == 0:
-            need = batch_size * grad_accum * world_size
+            need = self.batch_size * self.grad_accum * self.world_size
             raise DataError(
-                f"the split has {self.n_windows} windows of {block_size} tokens, fewer than the {need} "
-                f"(batch_size {batch_size} x grad_accum {grad_accum} x ranks {world_size}) that one optimizer step "
-                "takes; lower --train.batch_size or --data.block_size, or use more text"
+                f"the split has {self.n_windows} windows of {self.block_size} tokens, fewer than the {need} "
+                f"(batch_size {self.batch_size} x grad_accum {self.grad_accum} x ranks {self.world_size}) that one "
+                "optimizer step takes; lower --train.batch_size or --data.block_size, or use more text"
             )
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 

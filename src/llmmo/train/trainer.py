@@ -192,6 +192,7 @@ class Trainer:
             batch_size=t.batch_size,
             max_batches=t.eval_batches,
             device=self.device,
+            autocast=self.autocast,
         )
         record = self._counters() | val.as_dict(prefix="val_")
         del record["val_tokens"], record["val_bytes"]
