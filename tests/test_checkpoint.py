@@ -67,6 +67,17 @@ def test_a_failed_save_keeps_the_old_checkpoint(saved, monkeypatch) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
 
 
+def test_a_swap_cut_between_its_renames_is_recovered(saved) -> None:
+    """A crash after the old folder was parked and before the new one came in leaves only the parked one."""
+    path, model = saved
+    parked = path.with_name(".ckpt.previous")
+    path.rename(parked)
+    with pytest.raises(CheckpointError, match="a save was cut short; the checkpoint before it is complete at"):
+        load_checkpoint(path)
+    save_checkpoint(path, model, load_checkpoint(parked).tokenizer, DataConfig(block_size=16))
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
+
+
 def test_truncated_weights_are_reported(saved) -> None:
     path, _ = saved
     data = (path / "model.safetensors").read_bytes()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmmo.config import all_keys
+
 LLMMO = [sys.executable, "-m", "llmmo"]
 TINY = [
     "--data.block_size",
@@ -109,16 +111,15 @@ def test_train_eval_generate_info(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_help_lists_every_option_with_its_default() -> None:
-    text = run("train", "--help").stdout
-    for option in (
-        "--model.n_layer",
-        "--model.n_kv_head",
-        "--data.block_size",
-        "--train.max_minutes",
-        "--train.resume",
-    ):
-        assert option in text
-    assert re.search(r"--train\.lr FLOAT\s+\(default: 0\.001\)", text)
+    flat = " ".join(run("train", "--help").stdout.split())  # argparse wraps lines at the terminal width
+    entries = {entry.split(" ")[0]: entry for entry in flat.split(" --")}  # the help entry comes after the usage
+    for key, (_, default) in all_keys().items():
+        assert "(default: " in entries[key], key
+        if default is not None:
+            assert f"(default: {default})" in entries[key], key
+    assert "--train.lr FLOAT the peak learning rate, reached after warm-up (default: 0.001)" in flat
+    assert "--model.family gpt2|llama" in flat and "--model.positions learned|rope" in flat
+    assert "(default: set by model.family)" in flat
 
 
 @pytest.mark.parametrize(
@@ -131,13 +132,19 @@ def test_help_lists_every_option_with_its_default() -> None:
         (["eval", "no/such/ckpt"], "checkpoint folder 'no/such/ckpt' does not exist"),
         (["generate", "no/such/ckpt", "--prompt", "x"], "does not exist"),
         (["train", "--data.path", "no/such/file.txt"], "no/such/file.txt"),
+        (["train", "--train.lr"], "argument --train.lr: expected one argument"),
+        (["eval"], "the following arguments are required: checkpoint"),
+        (["eval", "ckpt", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["generate", "ckpt", "--prompt", "ROMEO\\"], "bad backslash escape"),
+        (["train", "--train.device", "cuda:7"], "no CUDA GPU"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
     proc = run(*args, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llmmo: error:") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and re.match(r"llmmo( \w+)*: error: ", lines[0]) and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -150,6 +157,36 @@ def test_corrupt_checkpoint_is_one_clear_line(checkpoint: Path, tmp_path: Path) 
     weights.write_bytes(weights.read_bytes()[:100])
     proc = run("generate", str(broken), "--prompt", "x", check=False)
     assert proc.returncode == 2 and "corrupt or truncated" in proc.stderr
+
+
+def test_resume_from_the_command_line_continues_the_saved_run(data_dir: Path, tmp_path: Path) -> None:
+    """`llmmo train --train.out_dir X --train.resume true` needs no other option: the run's config.yaml is the base."""
+    out = tmp_path / "run"
+    run(
+        "train",
+        "--data.source",
+        "wikitext-2",
+        "--data.train_split",
+        "test",
+        "--data.val_split",
+        "valid",
+        "--data.tokenizer",
+        "word",
+        "--data.vocab_size",
+        "500",
+        *TINY,
+        "--train.max_steps",
+        "4",
+        "--train.eval_every",
+        "2",
+        "--train.out_dir",
+        str(out),
+    )
+    proc = run("train", "--train.out_dir", str(out), "--train.resume", "true", "--train.max_steps", "6")
+    assert "wikitext-2" in proc.stderr and "step 6" in proc.stdout
+    assert "tokenizer: word" in (out / "config.yaml").read_text()
+    refused = run("train", "--train.out_dir", str(out), "--train.resume", "true", "--model.n_layer", "3", check=False)
+    assert refused.returncode == 2 and "model.n_layer is 3 but the run" in refused.stderr
 
 
 def test_epoch_runs_print_pytorch_example_lines(data_dir: Path, tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ def test_shakespeare_recipe_is_nanogpts_baby_gpt() -> None:
 def test_depth_dial_sets_the_shape() -> None:
     m = resolve_config(load_config(overrides={"model.depth": 4})).model
     assert (m.n_layer, m.n_embd, m.n_head, m.n_kv_head) == (4, 256, 4, 4)
+    gqa = resolve_config(load_config(overrides={"model.depth": 4, "model.family": "llama", "model.n_kv_head": 2}))
+    assert (gqa.model.n_head, gqa.model.n_kv_head) == (4, 2)
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,20 @@
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmmo.checkpoint import load_checkpoint
 from llmmo.config import load_config
-from llmmo.errors import ConfigError
+from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
 from llmmo.train import Reporter, Trainer
+from llmmo.train.optim import build_optimizer
 
 GOLDEN = Path(__file__).parent / "golden" / "tinyshakespeare-50-steps.json"
 
@@ -33,6 +37,8 @@ def tiny(out_dir: Path, **overrides) -> dict:
         "train.eval_every": 25,
         "train.eval_batches": 4,
         "train.out_dir": str(out_dir),
+        "train.device": "cpu",  # the numbers below are fp32 CPU numbers, also on a machine with a GPU
+        "train.dtype": "fp32",
     } | overrides
 
 
@@ -45,8 +51,8 @@ def test_char_shakespeare_learns_within_a_minute(data_dir: Path, tmp_path: Path)
     """The CPU recipe's shape (0.8M parameters): val loss from ~ln(65) = 4.17 to below 2.5.
 
     A fixed 400 steps (307k tokens), so the result does not depend on how busy the machine is; on an idle
-    2-core machine they take about 15 s, well inside the minute (the time is printed, not asserted: speed is
-    measured by benchmarks/, not by unit tests on shared machines).
+    2-core machine they take about 15 s of wall time. What is asserted is the CPU time, which load barely
+    changes: under 2 cores x 60 s (speed itself is measured by benchmarks/, not by unit tests).
     """
     cfg = load_config(
         "configs/shakespeare-char.yaml",
@@ -60,39 +66,43 @@ def test_char_shakespeare_learns_within_a_minute(data_dir: Path, tmp_path: Path)
             "train.max_steps": 400,
             "train.eval_every": 400,
             "train.out_dir": str(tmp_path / "run"),
+            "train.device": "cpu",
         },
     )
     trainer = Trainer(cfg)
     val = trainer.data.splits["val"]
     before = evaluate(trainer.model, val, trainer.token_bytes, batch_size=64)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = trainer.run()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     after = result.last_eval
-    print(f"val loss {before.loss:.3f} -> {after['val_loss']:.3f} in {seconds:.1f} s, {result.step} steps")
+    print(f"val loss {before.loss:.3f} -> {after['val_loss']:.3f} in {seconds:.1f} s ({cpu_seconds:.1f} s CPU)")
     assert abs(before.loss - math.log(65)) < 0.1
     assert after["val_loss"] < 2.5
-    assert after["val_bpb"] == pytest.approx(after["val_loss"] / math.log(2), rel=1e-6)  # one byte per character
+    assert cpu_seconds < 120
+    assert after["val_bpb"] == pytest.approx(after["val_loss"] / math.log(2), rel=1e-4)  # one byte per character
     assert result.best_val_loss == after["val_loss"]
 
 
-class StopAt(Reporter):
-    """Simulates Ctrl-C after a given step."""
+class CtrlCAt(Reporter):
+    """Presses Ctrl-C (a real SIGINT) when a given step has been logged."""
 
     def __init__(self, step: int):
         self.step = step
 
     def train_step(self, record: dict) -> None:
         if record["step"] == self.step:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+RESUME = {"model.dropout": 0.1, "train.max_steps": 30, "train.eval_every": 10, "train.grad_accum": 2}
 
 
 def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(data_dir: Path, tmp_path: Path) -> None:
-    settings = {"model.dropout": 0.1, "train.max_steps": 30, "train.eval_every": 10, "train.grad_accum": 2}
-    whole = Trainer(load_config(overrides=tiny(tmp_path / "whole", **settings))).run()
-    cut = Trainer(load_config(overrides=tiny(tmp_path / "cut", **settings)), StopAt(17)).run()
+    whole = Trainer(load_config(overrides=tiny(tmp_path / "whole", **RESUME))).run()
+    cut = Trainer(load_config(overrides=tiny(tmp_path / "cut", **RESUME)), CtrlCAt(17)).run()
     assert cut.interrupted and cut.step == 17
-    resumed = Trainer(load_config(overrides=tiny(tmp_path / "cut", **settings) | {"train.resume": True})).run()
+    resumed = Trainer(load_config(overrides=tiny(tmp_path / "cut", **RESUME) | {"train.resume": True})).run()
     assert resumed.step == whole.step == 30 and not resumed.interrupted
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 31))
@@ -101,12 +111,36 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(data_dir: 
     assert resumed.best_val_loss == pytest.approx(whole.best_val_loss, abs=1e-6)
 
 
+def test_ctrl_c_in_the_middle_of_a_step_finishes_the_step(data_dir: Path, tmp_path: Path) -> None:
+    """SIGINT between the two micro-batches of step 12: the step completes, then the run saves and stops."""
+    whole = tmp_path / "whole"
+    Trainer(load_config(overrides=tiny(whole, **RESUME))).run()
+    trainer = Trainer(load_config(overrides=tiny(tmp_path / "cut", **RESUME)))
+    draw = trainer.sampler.batch
+
+    def batch(step: int, micro: int = 0):
+        if (step, micro) == (11, 1):  # step index 11 is the 12th step
+            os.kill(os.getpid(), signal.SIGINT)
+        return draw(step, micro)
+
+    trainer.sampler.batch = batch
+    assert trainer.run().step == 12
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    Trainer(load_config(overrides=tiny(tmp_path / "cut", **RESUME) | {"train.resume": True})).run()
+    a, b = losses(whole), losses(tmp_path / "cut")
+    assert [b[s] for s in range(13, 31)] == pytest.approx([a[s] for s in range(13, 31)], abs=1e-6)
+
+
 def test_golden_curve(data_dir: Path, tmp_path: Path) -> None:
     """The first 50 losses of a tiny seeded model; any change to the numerics must update this file on purpose
-    (regenerate with LLMMO_UPDATE_GOLDEN=1)."""
-    import os
-
-    Trainer(load_config(overrides=tiny(tmp_path / "run"))).run()
+    (regenerate with LLMMO_UPDATE_GOLDEN=1). One thread, fp32 on the CPU: matmul results then do not depend on
+    how many cores the machine has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config(overrides=tiny(tmp_path / "run"))).run()
+    finally:
+        torch.set_num_threads(threads)
     got = [losses(tmp_path / "run")[s] for s in range(1, 51)]
     if os.environ.get("LLMMO_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps({"train_loss": got}, indent=1) + "\n")
@@ -141,6 +175,17 @@ def test_wikitext2_valid_trains_with_the_word_tokenizer(data_dir: Path, tmp_path
     assert 0 < result.last_eval["val_loss"] < math.log(10000) + 0.5
 
 
+def test_epoch_runs_stop_at_the_tightest_budget(data_dir: Path, tmp_path: Path) -> None:
+    epoch = {"train.sampler": "epoch", "train.epochs": 3, "train.batch_size": 64, "train.eval_every": 1000}
+    trainer = Trainer(load_config(overrides=tiny(tmp_path / "e", **epoch)))
+    per_epoch = trainer.sampler.optimizer_steps_per_epoch
+    assert per_epoch == (1003854 - 1) // 32 // 64 and trainer.total_steps == min(50, 3 * per_epoch)
+    capped = Trainer(load_config(overrides=tiny(tmp_path / "c", **epoch | {"train.max_tokens": 4096})))
+    assert capped.total_steps == 2
+    uncapped = Trainer(load_config(overrides=tiny(tmp_path / "u", **epoch | {"train.max_steps": 0})))
+    assert uncapped.total_steps == 3 * per_epoch
+
+
 def test_budgets_stop_the_run(data_dir: Path, tmp_path: Path) -> None:
     by_tokens = Trainer(load_config(overrides=tiny(tmp_path / "t", **{"train.max_tokens": 1000}))).run()
     assert by_tokens.step == math.ceil(1000 / (4 * 32)) and by_tokens.tokens == by_tokens.step * 128
@@ -170,6 +215,50 @@ def test_run_folder_follows_the_conventions(data_dir: Path, tmp_path: Path) -> N
         }
     resolved = (out / "config.yaml").read_text()
     assert "positions: learned" in resolved and "n_kv_head: 2" in resolved  # every default spelled out
+
+
+def test_best_val_loss_in_every_checkpoint_is_the_best_so_far(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 30, "train.eval_every": 10}))).run()
+    evals = [
+        json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line
+    ]
+    latest = json.loads((out / "ckpt-latest" / "trainer_state.json").read_text())
+    best = json.loads((out / "ckpt-best" / "trainer_state.json").read_text())
+    assert latest["best_val_loss"] == pytest.approx(min(evals)) == best["best_val_loss"]
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings(data_dir: Path, tmp_path: Path) -> None:
+    for family in ("gpt2", "llama"):  # tied and untied output heads
+        trainer = Trainer(load_config(overrides=tiny(tmp_path / family, **{"model.family": family})))
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        decay, no_decay = build_optimizer(trainer.model, trainer.cfg.train).param_groups
+        decayed = sorted(names[id(p)] for p in decay["params"])
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        assert all(
+            n.endswith(("qkv.weight", "proj.weight", "up.weight", "gate.weight", "lm_head.weight")) for n in decayed
+        )
+        assert ("lm_head.weight" in decayed) == (family == "llama")  # tied to the embedding in gpt2: no decay
+        assert "tok_emb.weight" not in decayed
+
+
+def test_resume_refuses_a_different_run(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 2}))).run()
+    for key, value in [
+        ("data.block_size", 64),
+        ("model.n_layer", 3),
+        ("train.batch_size", 8),
+        ("data.tokenizer", "bpe"),
+    ]:
+        with pytest.raises(ConfigError, match=f"--train.resume: {key} is .* but the run in .* used"):
+            Trainer(load_config(overrides=tiny(out, **{"train.resume": True, key: value})))
+    extended = Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.max_steps": 4}))).run()
+    assert extended.step == 4  # budgets may change
+    state = out / "ckpt-latest" / "trainer_state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "tokens"}))
+    with pytest.raises(CheckpointError, match="trainer state .* is damaged"):
+        Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.max_steps": 6})))
 
 
 def test_existing_run_is_not_overwritten(data_dir: Path, tmp_path: Path) -> None:

@@ -8,15 +8,13 @@ ckpt/
   trainer_state.json       step, token and FLOP counters, best val loss, optimizer hyper-parameters
   trainer_state.safetensors  optimizer moments and RNG states
 ```
-A folder is written beside its target under a temporary name and then swapped in, so a crash leaves either
-the old checkpoint or the new one, never half of one.
+A folder is written beside its target under a temporary name and then swapped in (`fileio.atomic_folder`),
+so a crash leaves either the old checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 from llmmo import __version__
 from llmmo.config import DataConfig, ModelConfig, config_from_dict
 from llmmo.errors import CheckpointError
+from llmmo.fileio import atomic_folder, previous_folder
 from llmmo.model import Transformer
 from llmmo.tokenizer import Tokenizer
 
@@ -44,24 +43,6 @@ class Checkpoint:
     data: DataConfig
     meta: dict[str, Any] = field(default_factory=dict)  # config.json as read (step, tokens, versions)
     trainer_state: dict[str, Any] | None = None  # JSON state + tensors, training checkpoints only
-
-
-def _write_atomically(path: Path, fill) -> None:
-    """Build the folder at a temporary name with `fill(tmp)`, then swap it in for `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -81,7 +62,7 @@ def save_checkpoint(
     if trainer_state is not None:
         meta |= {k: trainer_state["json"][k] for k in ("step", "tokens") if k in trainer_state["json"]}
 
-    def fill(tmp: Path) -> None:
+    with atomic_folder(Path(path)) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if model.cfg.tie_embeddings:
             del weights["lm_head.weight"]  # the same tensor as tok_emb.weight
@@ -93,13 +74,16 @@ def save_checkpoint(
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state["tensors"].items()}
             safetensors.torch.save_file(tensors, str(tmp / "trainer_state.safetensors"))
 
-    _write_atomically(Path(path), fill)
-
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """config.json of a checkpoint folder, with its format checked."""
     path = Path(path)
     if not path.is_dir():
+        if previous_folder(path).is_dir():
+            raise CheckpointError(
+                f"checkpoint folder '{path}' is missing: a save was cut short; the checkpoint before it is "
+                f"complete at '{previous_folder(path)}': rename it to '{path.name}'"
+            )
         raise CheckpointError(
             f"checkpoint folder '{path}' does not exist; pass a folder with {', '.join(REQUIRED)} "
             "(e.g. runs/NAME/ckpt-best)"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
-from llmmo.config import all_keys, load_config, unknown_key
+from llmmo.config import CHOICES, FAMILY_DEFAULTS, Config, all_keys, key_help, load_config, unknown_key
 from llmmo.errors import ConfigError, LlmmoError
 
 SECTION_HELP = {"model": "model shape", "data": "data and tokenizer", "train": "training loop"}
@@ -22,18 +24,35 @@ def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ..
     """--config FILE plus one --section.key option per config field, each showing its default."""
     parser.add_argument("--config", metavar="FILE", help="a YAML recipe (see configs/); options below override it")
     groups = {s: parser.add_argument_group(f"{s} options ({SECTION_HELP[s]})") for s in sections}
+    meaning = key_help()
     for key, (typ, default) in all_keys().items():
         section = key.split(".")[0]
         if section in groups:
-            type_name = getattr(typ, "__name__", str(typ)).replace("NoneType", "None")
+            base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # int | None -> int
+            metavar = "|".join(CHOICES[key]) if key in CHOICES else base.__name__.upper()
+            if default is None and key.split(".")[1] in FAMILY_DEFAULTS["gpt2"]:
+                default = "set by model.family"
+            text = f"{meaning[key]} " if key in meaning else ""
             groups[section].add_argument(
-                f"--{key}", dest=key, metavar=type_name.upper(), default=argparse.SUPPRESS, help=f"(default: {default})"
+                f"--{key}", dest=key, metavar=metavar, default=argparse.SUPPRESS, help=f"{text}(default: {default})"
             )
 
 
-def _config_from_args(args: argparse.Namespace, sections: tuple[str, ...]):
+def _config_from_args(args: argparse.Namespace, sections: tuple[str, ...]) -> Config:
+    """--config and the dotted options; a resumed run starts from its own saved config.yaml."""
     overrides = {k: v for k, v in vars(args).items() if k.split(".")[0] in sections and "." in k}
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    saved = Path(cfg.train.out_dir) / "config.yaml"
+    if "train" in sections and cfg.train.resume and saved.is_file():
+        cfg = load_config(args.config, overrides, base=saved)
+    return cfg
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) like every other error of ours."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _reject_unknown(unknown: list[str]) -> None:
@@ -166,7 +185,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def unescape(text: str) -> str:
     r"""Backslash escapes typed on a command line (\n, \t, \\) become the characters; other text is kept."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"bad backslash escape in {text!r} ({e.reason}); write a backslash itself as \\\\") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -231,10 +253,21 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def at_least(low: int) -> typing.Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llmmo", description="Train, evaluate and sample Transformer LMs.", parents=[common], allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -253,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/ckpt-best)")
     p.add_argument("--split", default="val", help="a split of the checkpoint's data source (default: val)")
     p.add_argument("--file", help="evaluate on this text file instead of a split")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
-    p.add_argument("--max-batches", type=int, default=0, help="0: the whole split (default: 0)")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="(default: 16)")
+    p.add_argument("--max-batches", type=at_least(0), default=0, help="0: the whole split (default: 0)")
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_eval)
 
@@ -311,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmmo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`llmmo generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         if args.debug:
             raise

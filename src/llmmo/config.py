@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -43,23 +45,23 @@ CHOICES: dict[str, tuple[str, ...]] = {
 class ModelConfig:
     """The Transformer's shape. Fields left as None take the family's default in `resolve_config`."""
 
-    family: str = "gpt2"  # gpt2 | llama: sets the defaults of the None fields below
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # key/value heads; fewer than n_head is grouped-query attention
-    n_embd: int = 128
+    family: str = "gpt2"  # sets positions, norm, mlp, bias, tie_embeddings and norm_eps unless they are given
+    n_layer: int = 4  # Transformer blocks
+    n_head: int = 4  # attention (query) heads
+    n_kv_head: int | None = None  # key/value heads (None: n_head); fewer is grouped-query attention
+    n_embd: int = 128  # the residual stream's width
     depth: int = 0  # the one dial: > 0 sets n_layer = depth, n_embd = 64 * depth, n_head = ceil(n_embd / 64)
     vocab_size: int = 0  # 0: the tokenizer's size
     block_size: int = 0  # 0: data.block_size
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
     positions: str | None = None  # learned | rope
     norm: str | None = None  # layernorm | rmsnorm
     mlp: str | None = None  # gelu | swiglu
     mlp_hidden: int = 0  # 0: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 32 for swiglu
     bias: bool | None = None  # biases in Linear layers and norms
     tie_embeddings: bool | None = None  # share the token embedding with the output head
-    norm_eps: float | None = None
-    rope_theta: float = 10000.0
+    norm_eps: float | None = None  # the norms' epsilon
+    rope_theta: float = 10000.0  # RoPE's base wavelength
 
     @property
     def head_dim(self) -> int:
@@ -89,23 +91,23 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: str = "adamw"  # adamw (decoupled decay) | adam (no decay)
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak learning rate, reached after warm-up
     min_lr: float = 1e-4  # the floor that cosine decay ends at
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
     weight_decay: float = 0.1  # AdamW only; never applied to norms, biases or embeddings
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.99  # Adam's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     sampler: str = "random"  # random: seeded random windows | epoch: each window once per epoch
     epochs: int = 0  # > 0 (with sampler=epoch): train this many passes over the data
-    max_steps: int = 2000
+    max_steps: int = 2000  # the run ends at the first budget reached; 0 leaves this one unset
     max_tokens: int = 0  # > 0: stop once this many training tokens were seen
     max_minutes: float = 0.0  # > 0: stop after this much wall-clock time
     eval_every: int = 250  # evaluate and checkpoint every this many steps (and at the end)
     eval_batches: int = 0  # > 0: evaluate on this many batches only; 0: the whole split
-    log_every: int = 10
-    seed: int = 1337
-    out_dir: str = "runs/default"
+    log_every: int = 10  # write a training record every this many steps
+    seed: int = 1337  # seeds the initial weights, the batches and dropout
+    out_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, ckpt-latest/, ckpt-best/
     resume: bool = False  # continue from out_dir/ckpt-latest
     compile: bool = False  # torch.compile the model
     dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
@@ -135,6 +137,17 @@ def all_keys() -> dict[str, tuple[type, Any]]:
         default = cls()
         for f in fields(cls):
             out[f"{section.name}.{f.name}"] = (hints[f.name], getattr(default, f.name))
+    return out
+
+
+def key_help() -> dict[str, str]:
+    """The comment written after each field above, by dotted key: the text of `--help` (one source of truth)."""
+    out: dict[str, str] = {}
+    for section in fields(Config):
+        for line in inspect.getsource(section.default_factory).splitlines():  # type: ignore[arg-type]
+            match = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
+            if match:
+                out[f"{section.name}.{match[1]}"] = match[2]
     return out
 
 
@@ -206,17 +219,22 @@ def config_from_dict(tree: dict[str, Any], cfg: Config | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at `path`, then dotted `overrides`; returned unresolved."""
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: str | Path | None = None
+) -> Config:
+    """Defaults, then the YAML file `base` (a run's saved config.yaml, when resuming), then the YAML recipe at
+    `path`, then dotted `overrides`; returned unresolved."""
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; see configs/ for the recipes")
+    for file in (base, path):
+        if file is None:
+            continue
+        file = Path(file)
+        if not file.is_file():
+            raise ConfigError(f"config file '{file}' does not exist; see configs/ for the recipes")
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+            raise ConfigError(f"config file '{file}' is not valid YAML: {e}") from None
         config_from_dict(tree, cfg)
     for key, value in (overrides or {}).items():
         set_key(cfg, key, value)
@@ -237,10 +255,9 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     m = dataclasses.replace(m)
     if m.family not in FAMILY_DEFAULTS:
         raise ConfigError(f"model.family '{m.family}' is not one of {list(FAMILY_DEFAULTS)}")
-    if m.depth > 0:  # nanochat's dial: width grows with depth, heads of 64
+    if m.depth > 0:  # nanochat's dial: width grows with depth, heads of 64 (n_kv_head kept if it is set)
         m.n_layer, m.n_embd = m.depth, 64 * m.depth
         m.n_head = math.ceil(m.n_embd / 64)
-        m.n_kv_head = None
     for name, value in FAMILY_DEFAULTS[m.family].items():
         if getattr(m, name) is None:
             setattr(m, name, value)
@@ -299,6 +316,10 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     if t.epochs > 0 and t.sampler != "epoch":
         raise ConfigError("train.epochs needs train.sampler=epoch (each window once per epoch)")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise ConfigError("set a budget: train.max_steps > 0 or train.epochs > 0 (with train.sampler=epoch)")
+    if t.max_steps <= 0 and t.epochs <= 0 and t.max_tokens <= 0:
+        raise ConfigError(
+            "set a budget: train.max_steps, train.max_tokens or train.epochs (with train.sampler=epoch) above 0"
+        )
+    if min(t.max_steps, t.epochs, t.max_tokens) < 0 or t.max_minutes < 0:
+        raise ConfigError("budgets (train.max_steps, max_tokens, max_minutes, epochs) cannot be negative; 0 is unset")
     return cfg

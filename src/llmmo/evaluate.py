@@ -1,8 +1,9 @@
 """Loss, perplexity and bits per byte of a model on a token split.
 
 Every token after the first is predicted once, from non-overlapping windows of block_size tokens. Bits per
-byte divides the summed loss (in bits) by the UTF-8 bytes of the predicted tokens, which makes models with
-different tokenizers comparable (as in Gao et al. 2020, The Pile).
+byte divides the summed loss (in bits) by the UTF-8 bytes of the text: the split's own byte count when the
+whole split is evaluated, else the bytes of the predicted tokens. It makes models with different tokenizers
+comparable (as in Gao et al. 2020, The Pile).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def evaluate(
         count += targets.numel()
         n_bytes += int(byte_table[targets].sum())
     model.train(was_training)
+    if max_batches == 0:  # the whole split: its text's own bytes (exact also for the lossy word tokenizer)
+        n_bytes = split.n_bytes
     loss = nats / max(count, 1)
     return EvalResult(
         loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=nats / math.log(2) / max(n_bytes, 1), tokens=count, bytes=n_bytes

@@ -23,6 +23,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmmo.errors import DataError
+from llmmo.fileio import write_text_atomic
 
 UNK, EOS, EOT = "<unk>", "<eos>", "<|endoftext|>"
 KINDS = ("char", "word", "bpe")
@@ -88,10 +89,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json (through a temporary file, so a crash never leaves half a file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

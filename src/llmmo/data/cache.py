@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +45,3 @@ def file_identity(path: Path) -> list[Any]:
     """What says a file is unchanged without reading it: its absolute path, size and modification time."""
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-
-@contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """A temporary path beside `dest` that becomes `dest` when the block succeeds and is removed otherwise."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from llmmo.config import DataConfig
 from llmmo.errors import DataError
 from llmmo.tokenizer import Tokenizer, train_tokenizer
 
-from .cache import atomic_path, cache_dir, fingerprint
+from .cache import cache_dir, fingerprint
 from .corpus import Corpus, open_corpus, pieces
 from .tokens import DOC_SEPARATOR, TokenSplit, cached_tokens
 
@@ -37,8 +37,7 @@ def fit_tokenizer(cfg: DataConfig, corpus: Corpus | None = None) -> Tokenizer:
     if cfg.tokenizer == "char":  # documents are joined by this character, so it must be in the alphabet
         texts = itertools.chain(texts, [DOC_SEPARATOR])
     tokenizer = train_tokenizer(cfg.tokenizer, texts, cfg.vocab_size)
-    with atomic_path(path) as tmp:
-        tmp.write_text(tokenizer.to_json(), encoding="utf-8")
+    tokenizer.save(path)
     return tokenizer
 
 

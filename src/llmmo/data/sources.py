@@ -28,8 +28,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmmo.errors import DataError
+from llmmo.fileio import atomic_path
 
-from .cache import atomic_path, cache_dir, mirror_dir, offline
+from .cache import cache_dir, mirror_dir, offline
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from llmmo.errors import DataError
+from llmmo.fileio import atomic_path, write_text_atomic
 from llmmo.tokenizer import Tokenizer
 
-from .cache import atomic_path, cache_dir, file_identity, fingerprint
+from .cache import cache_dir, file_identity, fingerprint
 from .corpus import list_text_files, nonempty, pieces, read_documents
 
 DOC_SEPARATOR = "\n"  # between documents, for tokenizers without an end-of-text id (char)
@@ -70,8 +71,7 @@ def cached_tokens(
         except DataError as e:  # e.g. a character outside a char tokenizer's alphabet
             raise DataError(f"{label}: {e}") from None
     meta = {"n_tokens": n_tokens, "dtype": dtype.name, "n_bytes": sum(len(d.encode("utf-8")) for d in documents)}
-    with atomic_path(meta_path) as tmp:
-        tmp.write_text(json.dumps(meta), encoding="utf-8")
+    write_text_atomic(meta_path, json.dumps(meta))
     return TokenSplit(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), meta["n_bytes"], bin_path)
 
 

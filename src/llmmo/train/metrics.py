@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmmo.fileio import write_text_atomic
+
 
 class MetricsLog:
     """Appends records to `out_dir/metrics.jsonl`. On resume from step k, records after k are dropped first,
@@ -18,12 +20,10 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is None:
-            self.path.write_text("")
+            write_text_atomic(self.path, "")
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         try:  # TensorBoard is optional: `pip install tensorboard` turns it on
             from torch.utils.tensorboard import SummaryWriter
 

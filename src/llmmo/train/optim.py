@@ -14,10 +14,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """AdamW with decoupled weight decay (Loshchilov & Hutter 2019) on the Linear weights only: norms, biases
     and embeddings are not decayed, since shrinking them towards zero has no regularising meaning.
     `adam` is plain Adam (Kingma & Ba 2015) without decay."""
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Linear weights that are not also an embedding (a tied output head is the token embedding)
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     params = [p for p in model.parameters() if p.requires_grad]  # each shared (tied) tensor once
-    decay = [p for p in params if id(p) in linear_weights and p.dim() >= 2]
-    no_decay = [p for p in params if not (id(p) in linear_weights and p.dim() >= 2)]
+    decay = [p for p in params if id(p) in decayed]
+    no_decay = [p for p in params if id(p) not in decayed]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=betas)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,15 @@ import yaml
 from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmmo.config import Config, config_to_dict, resolve_config, resolve_model
 from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
-from llmmo.errors import ConfigError
+from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
+from llmmo.fileio import write_text_atomic
 from llmmo.model import Transformer
 from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
+
+# What defines the sequence of batches: a resumed run must keep these.
+BATCH_KEYS = ("sampler", "seed", "batch_size", "grad_accum")
 
 
 class Reporter:
@@ -45,7 +52,7 @@ class TrainResult:
     flops: int
     best_val_loss: float
     last_eval: dict[str, Any]
-    interrupted: bool  # stopped by Ctrl-C (a checkpoint was saved)
+    interrupted: bool  # stopped by Ctrl-C after a complete step, saved to ckpt-latest
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,9 +61,14 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but this torch sees no CUDA GPU; use cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device '{name}' asked for, but MPS is not available here; use cpu (or auto)")
+    return device
 
 
 def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -131,26 +143,50 @@ class Trainer:
         if not latest.exists():
             raise ConfigError(f"--train.resume: no checkpoint at '{latest}'; train without resume first")
         ckpt = load_checkpoint(latest, trainer_state=True)
-        self.cfg.model = ckpt.model.cfg  # the saved shape wins: a resumed run keeps its architecture
+        self._check_same_run(ckpt)
+        self.cfg.model = ckpt.model.cfg
         return ckpt
+
+    def _check_same_run(self, ckpt: Checkpoint) -> None:
+        """A resumed run must be the run that was saved: same shape, data and batches. Budgets, schedule and
+        logging may change (e.g. a larger max_steps extends a run)."""
+        model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=ckpt.model.cfg.vocab_size))
+        saved = ckpt.trainer_state["json"].get("batches", {})
+        # data first: a changed data.block_size should be named as such, not as the model.block_size it implies
+        pairs = [(f"data.{k}", v, getattr(ckpt.data, k)) for k, v in dataclasses.asdict(self.cfg.data).items()]
+        pairs += [(f"train.{k}", getattr(self.cfg.train, k), saved.get(k)) for k in BATCH_KEYS]
+        pairs += [(f"model.{k}", v, getattr(ckpt.model.cfg, k)) for k, v in dataclasses.asdict(model).items()]
+        for key, now, before in pairs:
+            if now != before and key not in ("model.depth", "data.val_split"):
+                raise ConfigError(
+                    f"--train.resume: {key} is {now!r} but the run in '{self.out_dir}' used {before!r}; "
+                    "drop that option to continue the run, or start a new one with another --train.out_dir"
+                )
 
     def _restore(self, ckpt: Checkpoint) -> None:
         state, tensors = ckpt.trainer_state["json"], ckpt.trainer_state["tensors"]
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.best_val_loss, self.elapsed_before = state["best_val_loss"], state["elapsed_s"]
-        _restore_optimizer(self.optimizer, state["optimizer"], tensors)
-        torch.set_rng_state(tensors["rng.cpu"])
+        try:
+            self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+            self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+            _restore_optimizer(self.optimizer, state["optimizer"], tensors)
+            torch.set_rng_state(tensors["rng.cpu"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"the trainer state in '{self.out_dir / 'ckpt-latest'}' is damaged ({type(e).__name__}: {e}); "
+                "resume from a copy of ckpt-best instead, or start a new run"
+            ) from None
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
 
     def _total_steps(self) -> int:
+        """The tightest of the budgets that are set (0 means unset); max_minutes may end the run sooner."""
         t = self.cfg.train
+        limits = [t.max_steps] if t.max_steps > 0 else []
         if t.epochs > 0:
-            return t.epochs * self.sampler.optimizer_steps_per_epoch
-        steps = t.max_steps
+            limits.append(t.epochs * self.sampler.optimizer_steps_per_epoch)
         if t.max_tokens > 0:
-            steps = min(steps, math.ceil(t.max_tokens / self.tokens_per_step))
-        return steps
+            limits.append(math.ceil(t.max_tokens / self.tokens_per_step))
+        return min(limits)
 
     def _trainer_state(self) -> dict[str, Any]:
         groups, tensors = _optimizer_state(self.optimizer)
@@ -161,9 +197,9 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "flops": self.tokens * self.flops_per_token,
-            "best_val_loss": self.best_val_loss,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "elapsed_s": self.elapsed(),
-            "sampler": {"kind": self.cfg.train.sampler, "seed": self.cfg.train.seed},
+            "batches": {k: getattr(self.cfg.train, k) for k in BATCH_KEYS},
             "optimizer": groups,
         }
         return {"json": json_state, "tensors": tensors}
@@ -197,9 +233,10 @@ class Trainer:
         record = self._counters() | val.as_dict(prefix="val_")
         del record["val_tokens"], record["val_bytes"]
         self.metrics.write(record)
+        improved = val.loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val.loss)
         self.save("ckpt-latest")
-        if val.loss < self.best_val_loss:
-            self.best_val_loss = val.loss
+        if improved:
             self.save("ckpt-best")
         self.reporter.evaluation(record | {"best_val_loss": self.best_val_loss} | self._epoch_fields())
         return record
@@ -249,7 +286,7 @@ class Trainer:
         t = self.cfg.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out_dir, resume_step=self.step if self.resumed else None)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         self.t0 = time.perf_counter()
         self.reporter.start(
             {
@@ -267,10 +304,10 @@ class Trainer:
             }
         )
         last_eval: dict[str, Any] = {}
-        interrupted, evaluated_at = False, -1
+        evaluated_at = -1
         window_start, window_tokens = time.perf_counter(), 0
-        try:
-            while self._budget_left():
+        with self._ctrl_c_stops_after_the_step(), contextlib.closing(self.metrics):
+            while self._budget_left() and not self.stop_requested:
                 record = self.train_step()
                 window_tokens += self.tokens_per_step
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -283,14 +320,10 @@ class Trainer:
                 if self._should_evaluate():
                     last_eval, evaluated_at = self.evaluate_and_save(), self.step
                     window_start = time.perf_counter()  # evaluation time is not training throughput
-        except KeyboardInterrupt:
-            interrupted = True
-            self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped, not saved
-            self.save("ckpt-latest")
-            evaluated_at = self.step
-        if evaluated_at != self.step:
-            last_eval = self.evaluate_and_save()
-        self.metrics.close()
+            if self.stop_requested:
+                self.save("ckpt-latest")
+            elif evaluated_at != self.step:
+                last_eval = self.evaluate_and_save()
         return TrainResult(
             out_dir=self.out_dir,
             step=self.step,
@@ -298,8 +331,29 @@ class Trainer:
             flops=self.tokens * self.flops_per_token,
             best_val_loss=self.best_val_loss,
             last_eval=last_eval,
-            interrupted=interrupted,
+            interrupted=self.stop_requested,
         )
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops_after_the_step(self) -> Iterator[None]:
+        """The first Ctrl-C (SIGINT) lets the step in progress finish, so that the checkpoint saved then is a
+        state the uninterrupted run also passed through; a second one interrupts at once (KeyboardInterrupt,
+        no save: the last complete checkpoint stays)."""
+        self.stop_requested = False
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def train(cfg: Config, reporter: Reporter | None = None) -> TrainResult:

@@ -1,0 +1,54 @@
+"""Writing files and folders so that a crash leaves the old version or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """A temporary path beside `dest` that becomes `dest` when the block succeeds and is removed otherwise."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(dest: Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def previous_folder(dest: Path) -> Path:
+    """Where `atomic_folder` parks the old folder during its swap (found there only after a crash)."""
+    return dest.with_name(f".{dest.name}.previous")
+
+
+@contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """A temporary folder to fill; on success it replaces `dest`. POSIX cannot swap a non-empty folder in one
+    step, so the old one is first parked at `previous_folder(dest)`; a crash between the two renames leaves it
+    there, and the next swap (or the reader's error message) takes it from there."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    previous = previous_folder(dest)
+    if previous.exists() and not dest.exists():  # an earlier swap was cut between its two renames
+        previous.rename(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(previous, ignore_errors=True)
+        if dest.exists():
+            dest.rename(previous)
+        tmp.rename(dest)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
