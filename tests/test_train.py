@@ -98,11 +98,15 @@ class CtrlCAt(Reporter):
 RESUME = {"model.dropout": 0.1, "train.max_steps": 30, "train.eval_every": 10, "train.grad_accum": 2}
 
 
-def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(data_dir: Path, tmp_path: Path) -> None:
-    whole = Trainer(load_config(overrides=tiny(tmp_path / "whole", **RESUME))).run()
-    cut = Trainer(load_config(overrides=tiny(tmp_path / "cut", **RESUME)), CtrlCAt(17)).run()
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(
+    data_dir: Path, tmp_path: Path, optimizer: str
+) -> None:
+    settings = RESUME | {"train.optimizer": optimizer}
+    whole = Trainer(load_config(overrides=tiny(tmp_path / "whole", **settings))).run()
+    cut = Trainer(load_config(overrides=tiny(tmp_path / "cut", **settings)), CtrlCAt(17)).run()
     assert cut.interrupted and cut.step == 17
-    resumed = Trainer(load_config(overrides=tiny(tmp_path / "cut", **RESUME) | {"train.resume": True})).run()
+    resumed = Trainer(load_config(overrides=tiny(tmp_path / "cut", **settings) | {"train.resume": True})).run()
     assert resumed.step == whole.step == 30 and not resumed.interrupted
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 31))

@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
     "data.tokenizer": ("char", "word", "bpe"),
-    "train.optimizer": ("adamw", "adam"),
+    "train.optimizer": ("adamw", "adam", "muon"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.sampler": ("random", "epoch"),
 }
@@ -51,7 +51,7 @@ class ModelConfig:
     n_kv_head: int | None = None  # key/value heads (None: n_head); fewer is grouped-query attention
     n_embd: int = 128  # the residual stream's width
     depth: int = 0  # the one dial: > 0 sets n_layer = depth, n_embd = 64 * depth, n_head = ceil(n_embd / 64)
-    vocab_size: int = 0  # 0: the tokenizer's size
+    vocab_size: int = 0  # 0: the tokenizer's size; larger pads the embedding (e.g. to a multiple of 64)
     block_size: int = 0  # 0: data.block_size
     dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
     positions: str | None = None  # learned | rope
@@ -90,8 +90,9 @@ class TrainConfig:
 
     batch_size: int = 12  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (no decay)
+    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (no decay) | muon (Muon for matrices, AdamW rest)
     lr: float = 1e-3  # the peak learning rate, reached after warm-up
+    muon_lr: float = 0.02  # optimizer=muon: the peak learning rate of the blocks' matrices
     min_lr: float = 1e-4  # the floor that cosine decay ends at
     warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
     weight_decay: float = 0.1  # AdamW only; never applied to norms, biases or embeddings
@@ -103,6 +104,7 @@ class TrainConfig:
     max_steps: int = 2000  # the run ends at the first budget reached; 0 leaves this one unset
     max_tokens: int = 0  # > 0: stop once this many training tokens were seen
     max_minutes: float = 0.0  # > 0: stop after this much wall-clock time
+    target_loss: float = 0.0  # > 0: stop at the first evaluation whose val loss is at or below it
     eval_every: int = 250  # evaluate and checkpoint every this many steps (and at the end)
     eval_batches: int = 0  # > 0: evaluate on this many batches only; 0: the whole split
     log_every: int = 10  # write a training record every this many steps

@@ -8,12 +8,17 @@ import torch
 import torch.nn as nn
 
 from llmmo.config import TrainConfig
+from llmmo.train.muon import Muon
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay (Loshchilov & Hutter 2019) on the Linear weights only: norms, biases
-    and embeddings are not decayed, since shrinking them towards zero has no regularising meaning.
-    `adam` is plain Adam (Kingma & Ba 2015) without decay."""
+    """The optimizer `cfg.optimizer` names. Every group carries `base_lr`, the lr the schedule scales.
+
+    adamw: decoupled weight decay (Loshchilov & Hutter 2019) on the Linear weights only: norms, biases and
+    embeddings are not decayed, since shrinking them towards zero has no regularising meaning.
+    adam: plain Adam (Kingma & Ba 2015) without decay.
+    muon: Muon (lr `muon_lr`) for the blocks' matrices, AdamW (lr `lr`) for embeddings, head, norms, biases.
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # Linear weights that are not also an embedding (a tied output head is the token embedding)
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
@@ -22,9 +27,27 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     no_decay = [p for p in params if id(p) not in decayed]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=betas)
+    elif cfg.optimizer == "muon":
+        head = getattr(model, "lm_head", None)
+        matrices = [p for p in decay if head is None or p is not head.weight]
+        others = [p for p in decay if not any(p is m for m in matrices)]
+        optimizer = Muon(
+            [
+                {"params": matrices, "muon": True, "lr": cfg.muon_lr, "weight_decay": cfg.weight_decay},
+                {"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+            ],
+            betas=betas,
+        )
+    else:
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # one fused kernel for all parameters on a GPU; on the CPU the fused kernel measured slower (docs/LOG.md)
+        fused = all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

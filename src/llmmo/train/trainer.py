@@ -110,7 +110,7 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         self.data: PreparedData = prepare_data(self.cfg.data, tokenizer=resumed.tokenizer if resumed else None)
-        self.cfg.model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=self.data.tokenizer.vocab_size))
+        self.cfg.model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=self._vocab_size()))
         self.model = resumed.model.train() if resumed else Transformer(self.cfg.model)
         self.model.to(self.device)
         self.forward = torch.compile(self.model) if t.compile else self.model
@@ -130,6 +130,17 @@ class Trainer:
         self.resumed = resumed is not None
         if resumed:
             self._restore(resumed)
+
+    def _vocab_size(self) -> int:
+        """The tokenizer's size, or a larger model.vocab_size (padding the vocabulary to a multiple of 64 makes
+        the output matmul faster on GPUs, as nanoGPT's 50304 does)."""
+        needed = self.data.tokenizer.vocab_size
+        if self.cfg.model.vocab_size and self.cfg.model.vocab_size < needed:
+            raise ConfigError(
+                f"model.vocab_size {self.cfg.model.vocab_size} is smaller than the tokenizer's {needed}; "
+                "leave it 0 to follow the tokenizer"
+            )
+        return self.cfg.model.vocab_size or needed
 
     def _load_resume_checkpoint(self) -> Checkpoint | None:
         latest = self.out_dir / "ckpt-latest"
@@ -255,8 +266,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the training record."""
         t = self.cfg.train
         lr = lr_at(self.step, t, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # the schedule scales each group's own peak lr
+            group["lr"] = group["base_lr"] * lr / t.lr
         loss_sum = 0.0
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step, micro)
@@ -275,6 +286,8 @@ class Trainer:
 
     def _budget_left(self) -> bool:
         t = self.cfg.train
+        if t.target_loss > 0 and self.best_val_loss <= t.target_loss:
+            return False
         return self.step < self.total_steps and not (t.max_minutes > 0 and self.elapsed() >= 60 * t.max_minutes)
 
     def _should_evaluate(self) -> bool:

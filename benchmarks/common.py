@@ -1,0 +1,60 @@
+"""What every benchmark needs: the machine's measured matmul rate, peak memory, a child process per case."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def matmul_flops_per_s(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0) -> float:
+    """The best rate of square matrix products of a few sizes, measured now: the denominator of MFU.
+
+    Never a hard-coded peak: what this machine's BLAS does today, under today's load."""
+    best = 0.0
+    sizes = (512, 1024, 2048) if device == "cpu" else (4096, 8192)
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        a @ b  # warm-up
+        deadline = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < deadline:
+            sync(device)
+            start = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(module: str, *args: str, timeout: float = 1800) -> dict:
+    """Run `python -m module args` and return the JSON object it prints last: each case gets a fresh process,
+    so peak memory and warm caches belong to that case alone."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of `rows` with (key, format) columns."""
+    head = "| " + " | ".join(k for k, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = [
+        "| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, f in columns) + " |" for r in rows
+    ]
+    return "\n".join([head, rule, *body])

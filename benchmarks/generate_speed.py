@@ -1,0 +1,132 @@
+"""Generation speed, llmmo against transformers on the same shape, in one process (so one machine state).
+
+Prompt 16 tokens, 200 new tokens, top-k 50 sampling, batch 1 and 8; both models randomly initialised (speed does
+not depend on the weights). Context 256 for both shapes, so that 216 positions fit without a sliding window.
+
+python -m benchmarks.generate_speed --shape 0.8M --family gpt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.shapes import SHAPES
+from llmmo.config import ModelConfig, resolve_model
+from llmmo.generate import GenerationConfig, generate_ids
+from llmmo.model import Transformer
+
+VOCAB, CONTEXT, PROMPT, NEW, TOP_K = 65, 256, 16, 200, 50
+
+
+def llmmo_model(shape: str, family: str) -> Transformer:
+    s = SHAPES[shape]
+    cfg = ModelConfig(
+        family=family,
+        n_layer=s["model.n_layer"],
+        n_head=s["model.n_head"],
+        n_embd=s["model.n_embd"],
+        vocab_size=VOCAB,
+        block_size=CONTEXT,
+    )
+    return Transformer(resolve_model(cfg)).eval()
+
+
+def hf_model(model: Transformer) -> torch.nn.Module:
+    """The transformers model of the same shape (random weights)."""
+    import transformers
+
+    c = model.cfg
+    if c.family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=CONTEXT,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_inner=c.mlp_hidden,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=c.n_embd,
+        intermediate_size=c.mlp_hidden,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def time_best(fn, *args, repeats: int) -> float:
+    """Best wall time of `repeats` calls, after one warm-up call."""
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_llmmo(model: Transformer, prompts: torch.Tensor, gen: GenerationConfig) -> None:
+    for _ in generate_ids(model, prompts.tolist(), gen):
+        pass
+
+
+@torch.inference_mode()
+def run_hf(model: torch.nn.Module, prompts: torch.Tensor) -> None:
+    out = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        top_k=TOP_K,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        pad_token_id=0,
+    )
+    assert out.shape == (prompts.size(0), PROMPT + NEW)
+
+
+def measure(shape: str, family: str, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    ours = llmmo_model(shape, family)
+    theirs = hf_model(ours)
+    gen = GenerationConfig(max_new_tokens=NEW, temperature=1.0, top_k=TOP_K, seed=0)
+    rows = []
+    for batch in (1, 8):
+        prompts = torch.randint(0, VOCAB, (batch, PROMPT))
+        t_ours = time_best(run_llmmo, ours, prompts, gen, repeats=repeats)
+        t_hf = time_best(run_hf, theirs, prompts, repeats=repeats)
+        rows.append(
+            {
+                "shape": shape,
+                "family": family,
+                "batch": batch,
+                "llmmo_tok_s": batch * NEW / t_ours,
+                "hf_tok_s": batch * NEW / t_hf,
+                "speedup": t_hf / t_ours,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=list(SHAPES), required=True)
+    parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.shape, args.family, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

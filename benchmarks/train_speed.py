@@ -1,0 +1,73 @@
+"""Training throughput of one shape: tokens/s of the real training step, MFU against the measured matmul rate.
+
+python -m benchmarks.train_speed --shape 0.8M [--steps N] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import matmul_flops_per_s, peak_rss_mib, sync
+from benchmarks.shapes import SHAPES
+from llmmo.config import load_config
+from llmmo.train import Trainer
+
+
+def measure(
+    shape: str, steps: int, device: str, family: str = "gpt2", compile: bool = False, dtype: str = "fp32"
+) -> dict:
+    overrides = SHAPES[shape] | {
+        "model.family": family,
+        "data.source": "tinyshakespeare",
+        "train.device": device,
+        "train.compile": compile,
+        "train.dtype": dtype,
+        "train.max_steps": 10**6,
+        "train.out_dir": tempfile.mkdtemp(prefix="llmmo-bench-"),
+    }
+    trainer = Trainer(load_config(overrides=overrides))
+    for _ in range(3):  # warm-up: allocator, thread pools
+        trainer.train_step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = matmul_flops_per_s(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device)
+    tokens_per_s = trainer.tokens_per_step / seconds
+    achieved = tokens_per_s * trainer.flops_per_token
+    return {
+        "shape": shape,
+        "family": family,
+        "params": trainer.model.num_params(),
+        "flops_per_token": trainer.flops_per_token,
+        "tokens_per_s": tokens_per_s,
+        "model_gflops": achieved / 1e9,
+        "matmul_gflops": peak / 1e9,
+        "mfu": achieved / peak,
+        "dtype": dtype,
+        "compile": compile,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=list(SHAPES), required=True)
+    parser.add_argument("--family", default="gpt2")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.shape, args.steps, args.device, args.family, args.compile, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
