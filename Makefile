@@ -6,13 +6,18 @@ TORCH ?= torch==2.13.0
 # Tests and benchmarks read real data from LLMMO_DATA_DIR, by default ../shared/data when it exists.
 export LLMMO_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data))
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test bench lint format clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the test, lint and benchmark tools (pytest, hypothesis, ruff, transformers, matplotlib)
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -22,16 +27,19 @@ demo: install
 	$(VENV)/bin/llmmo generate runs/demo/ckpt-best --prompt "def " --max-new-tokens 300 \
 		--temperature 0.8 --top-k 50 --seed 0
 
-test: install
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-lint: install
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+bench: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.run
 
-format: install
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -143,6 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, device=device)
     if args.file:
         split, name = tokenize_file(args.file, ckpt.tokenizer, encoding=ckpt.data.encoding), args.file
+    elif ckpt.data.source.startswith("hf:") and not ckpt.data.path:
+        raise ConfigError(f"'{args.checkpoint}' was imported and names no data source; evaluate it with --file FILE")
     else:
         data = prepare_data(ckpt.data, tokenizer=ckpt.tokenizer, splits=(args.split,))
         split, name = data.splits[args.split], f"{data.source} [{args.split}]"
@@ -250,6 +252,43 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ export, import
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmmo.interop import export_hf
+
+    files = export_hf(args.checkpoint, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} for transformers -> {args.out} ({', '.join(files)})")
+    print(f"load it with AutoModelForCausalLM.from_pretrained({str(args.out)!r}) and AutoTokenizer.from_pretrained")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from llmmo.interop import download_from_hub, import_hf
+
+    if args.hf_folder is None and args.from_hub is None:
+        raise ConfigError(
+            "give the folder to import and where to write: llmmo import HF_FOLDER OUT (or --from-hub NAME OUT)"
+        )
+    if args.hf_folder is not None and args.from_hub is not None:
+        raise ConfigError("give either a local HF_FOLDER or --from-hub NAME, not both")
+    if args.revision and args.from_hub is None:
+        raise ConfigError("--revision picks a version on the Hub; it goes with --from-hub NAME")
+    if args.from_hub is not None:
+        folder, origin = download_from_hub(args.from_hub, args.revision), f"hf:{args.from_hub}"
+    else:
+        folder, origin = Path(args.hf_folder), f"hf:{args.hf_folder}"
+    ckpt = import_hf(folder, args.out, overwrite=args.overwrite, origin=origin)
+    cfg = ckpt.model.cfg
+    tok = ckpt.tokenizer
+    print(
+        f"imported {origin[3:]}: {cfg.family} family, {ckpt.model.num_params():,} parameters, {cfg.n_layer} layers, "
+        f"context {cfg.block_size}, {tok.kind} tokenizer of {tok.vocab_size:,} tokens -> {args.out}"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -324,6 +363,38 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("prepare", parents=[common], allow_abbrev=False, help="tokenize a corpus into the cache")
     _add_config_options(d, ("data",))
     d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        allow_abbrev=False,
+        help="write a checkpoint as a transformers model folder",
+        description="Write a checkpoint for another library: --format hf is a transformers folder "
+        "(GPT2LMHeadModel or LlamaForCausalLM, safetensors, tokenizer) that loads with no llmmo code.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/ckpt-best)")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (default: hf)")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="larger weights are split into shards of this size (default: 5GB)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        parents=[common],
+        allow_abbrev=False,
+        help="convert a transformers model folder into a checkpoint",
+        description="Convert a transformers GPT2LMHeadModel or LlamaForCausalLM (a local folder, or --from-hub "
+        "NAME) into an llmmo checkpoint. Needs the hf extra: pip install 'llmmo[hf]'.",
+    )
+    p.add_argument("hf_folder", nargs="?", metavar="HF_FOLDER", help="a folder written by save_pretrained()")
+    p.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
+    p.add_argument("--from-hub", metavar="NAME", help="download NAME (owner/model) from the Hugging Face Hub instead")
+    p.add_argument("--revision", help="with --from-hub: a branch, tag or commit (default: main)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("info", parents=[common], help="describe a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder")

@@ -19,3 +19,8 @@ class DataError(LlmmoError):
 
 class CheckpointError(LlmmoError):
     """A checkpoint folder that is missing, incomplete, corrupt, or of another format version."""
+
+
+class InteropError(LlmmoError):
+    """A model or option that another library's format cannot hold exactly (or a foreign model that llmmo
+    cannot), or a model that cannot be fetched; refused rather than converted approximately."""

@@ -398,7 +398,8 @@ def stream(
     """
     gen = gen if gen is not None else GenerationConfig()
     ids = _encode_prompts(tokenizer, prompts)
-    eos_id = tokenizer.eot_id if tokenizer.kind == "bpe" else None
+    # a word tokenizer's <eos> ends a line, not the text; bpe's and imported tokenizers' end the text
+    eos_id = tokenizer.eot_id if tokenizer.kind in ("bpe", "hf") else None
     decoder = _Decoder(model, ids, gen, eos_id)
     rows = [_RowText(tokenizer, p, gen.stop) for p in ids]
     return _stream_text(model, decoder, rows, eos_id)

@@ -8,12 +8,15 @@ Three kinds, all stored in the one format so that `tokenizers.Tokenizer.from_fil
   line end (as PyTorch's word_language_model does). LOSSY: spacing is not kept and rare words become `<unk>`.
   WikiText's own `<unk>` maps to ours.
 - bpe: byte-level BPE (GPT-2's scheme) trained on the corpus: exact round trip of any Unicode text.
+A fourth kind, hf, is any other tokenizer.json (e.g. the SentencePiece-style BPE of a Llama folder on the Hub,
+with Metaspace and byte fallback), brought in by `llmmo import`: used as it is, never trained by llmmo.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,7 +29,12 @@ from llmmo.errors import DataError
 from llmmo.fileio import write_text_atomic
 
 UNK, EOS, EOT = "<unk>", "<eos>", "<|endoftext|>"
-KINDS = ("char", "word", "bpe")
+KINDS = ("char", "word", "bpe")  # the kinds llmmo trains
+HF = "hf"  # any other tokenizer.json, used as it is (see the module docstring)
+CHAR_PATTERN = "(?m)."  # the char kind's pre-tokenizer regex: one piece per character, newlines included
+# An hf tokenizer's end of text: the first of these that it holds as a special token (GPT-2, Llama 3, Llama 2 and
+# Mistral, Gemma, ChatML), as the ids in a foreign folder's config.json are not part of tokenizer.json.
+END_OF_TEXT = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
 
 class Tokenizer:
@@ -38,8 +46,13 @@ class Tokenizer:
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         # char: encode in Python, 100x faster than a per-character regex split, and the same ids (tested)
         self._char_ids = hf.get_vocab() if self.kind == "char" else None
-        eot = hf.token_to_id(EOT if self.kind == "bpe" else EOS)
-        self.eot_id: int | None = eot  # the id that ends a document (bpe) or a line (word); None for char
+        if self.kind == HF:
+            specials = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+            eot = next((hf.token_to_id(t) for t in END_OF_TEXT if t in specials), None)
+        else:
+            eot = hf.token_to_id(EOT if self.kind == "bpe" else EOS)
+        # the id that ends a document (bpe, hf) or a line (word); None for char and for hf ones without one
+        self.eot_id: int | None = eot
 
     def encode(self, text: str) -> list[int]:
         if self._char_ids is not None:
@@ -67,6 +80,8 @@ class Tokenizer:
         """UTF-8 bytes of text each id stands for (special tokens 0), for bits per byte."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
         specials = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        if self.kind == HF:
+            return _foreign_token_bytes(self.hf, out, specials)
         for token, i in self.hf.get_vocab(with_added_tokens=True).items():
             if token in specials and token != UNK:
                 continue
@@ -106,16 +121,38 @@ class Tokenizer:
 
 
 def _kind_of(hf: HFTokenizer) -> str:
-    """Recognise which of our kinds a tokenizer.json is, from its model and pre-tokenizer."""
+    """Recognise which of our kinds a tokenizer.json is, from its model and pre-tokenizer; hf for any other."""
     spec = json.loads(hf.to_str())
-    model, pre = spec["model"]["type"], (spec.get("pre_tokenizer") or {}).get("type")
-    if model == "BPE" and pre == "ByteLevel":
+    model, pre = spec["model"]["type"], spec.get("pre_tokenizer") or {}
+    if model == "BPE" and pre.get("type") == "ByteLevel":
         return "bpe"
-    if model == "WordLevel" and pre == "Split":
+    # char encodes in Python, one id per character: only for exactly our pre-tokenizer
+    if model == "WordLevel" and pre.get("type") == "Split" and pre.get("pattern") == {"Regex": CHAR_PATTERN}:
         return "char"
-    if model == "WordLevel" and pre == "WhitespaceSplit":
+    if model == "WordLevel" and pre.get("type") == "WhitespaceSplit":
         return "word"
-    raise DataError(f"unsupported tokenizer.json (model {model}, pre-tokenizer {pre}); llmmo reads {KINDS}")
+    return HF
+
+
+def _foreign_token_bytes(hf: HFTokenizer, out: np.ndarray, specials: set[str]) -> np.ndarray:
+    """`Tokenizer.token_bytes` for an hf tokenizer: exact for byte-level BPE and byte-fallback tokens; a
+    Metaspace "▁" counts as the space it stands for and a WordPiece "##" as nothing. Other schemes (e.g. a
+    normalizer that rewrites text) make it an estimate: bits per byte are then approximate."""
+    spec = json.loads(hf.to_str())
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    continuing = spec["model"].get("continuing_subword_prefix") or ""
+    for token, i in hf.get_vocab(with_added_tokens=True).items():
+        if token in specials:
+            continue
+        if byte_level:
+            out[i] = len(token)  # byte-level alphabet: one character per byte
+        elif spec["model"].get("byte_fallback") and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            out[i] = 1
+        else:
+            if continuing and token.startswith(continuing):
+                token = token[len(continuing) :]
+            out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
@@ -126,7 +163,7 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
         raise DataError("cannot train a char tokenizer on empty text")
     vocab = {c: i for i, c in enumerate(sorted(chars))}
     hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))  # UNK is not in the vocab: unknown chars fail
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")  # Oniguruma: (?m) is dotall
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")  # Oniguruma: (?m) is dotall
     hf.decoder = decoders.Fuse()
     return Tokenizer(hf)
 
