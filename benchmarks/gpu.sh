@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(0))"
-"$PY" -m benchmarks.train_speed --shape 124M --device cuda --dtype bf16 --compile --steps 30 | tee "${OUT:-/tmp}/gpu_mfu.json"
-"$PY" -m benchmarks.train_speed --shape 124M --device cuda --dtype bf16 --steps 30 | tee "${OUT:-/tmp}/gpu_mfu_eager.json"
+"$PY" -m benchmarks.train_speed --shape 124M --device cuda --dtype bf16 --compile --steps 10 --windows 3 | tee "${OUT:-/tmp}/gpu_mfu.json"
+"$PY" -m benchmarks.train_speed --shape 124M --device cuda --dtype bf16 --steps 10 --windows 3 | tee "${OUT:-/tmp}/gpu_mfu_eager.json"

@@ -55,6 +55,7 @@ def main() -> None:
                     ("model_gflops", ".1f"),
                     ("matmul_gflops", ".1f"),
                     ("mfu", ".1%"),
+                    ("mfu_6n", ".1%"),
                     ("peak_rss_mib", ".0f"),
                 ],
             )
