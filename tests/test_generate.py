@@ -384,3 +384,17 @@ def test_bad_prompts_are_refused_before_the_first_step(hello_model):
     gen.top_p = 2.0  # changed after construction: checked again when generation starts
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\]"):
         generate(hello_model, CHAR, ["hello"], gen)
+
+
+def test_padding_ids_of_a_larger_vocabulary_are_never_sampled():
+    """A model whose vocabulary is padded past the tokenizer's (model.vocab_size) must not pick ids with no text."""
+    tok = char_tokenizer(["abcdefgh"])
+    torch.manual_seed(0)
+    model = Transformer(
+        resolve_model(ModelConfig(vocab_size=tok.vocab_size + 56, block_size=64, n_layer=1, n_embd=32, n_head=2))
+    )
+    with torch.no_grad():
+        model.lm_head.bias = None
+        model.tok_emb.weight[tok.vocab_size :] *= 50  # make the padding ids the most likely by far (tied head)
+    text = generate(model, tok, ["abc"], GenerationConfig(max_new_tokens=40, temperature=2.0, seed=0))[0]
+    assert len(text) == 40  # every id picked is a character (a padding id would decode to nothing)

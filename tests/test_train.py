@@ -262,6 +262,11 @@ def test_resume_refuses_a_different_run(data_dir: Path, tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=f"--train.resume: {key} is .* but the run in .* used"):
             Trainer(load_config(overrides=tiny(out, **{"train.resume": True, key: value})))
+    with pytest.raises(ConfigError, match="--train.resume: train.optimizer is 'muon' but the run in .* used 'adamw'"):
+        Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.optimizer": "muon"})))
+    faster = Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.lr": 0.01})))
+    assert [g["base_lr"] for g in faster.optimizer.param_groups] == [0.01, 0.01]  # the new peak lr applies
+    assert faster.optimizer.state  # and the saved moments came back
     extended = Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.max_steps": 4}))).run()
     assert extended.step == 4  # budgets may change
     state = out / "ckpt-latest" / "trainer_state.json"

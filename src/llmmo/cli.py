@@ -266,6 +266,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from llmmo.interop import download_from_hub, import_hf
+    from llmmo.interop.hf_export import check_out_folder
 
     if args.hf_folder is None and args.from_hub is None:
         raise ConfigError(
@@ -275,6 +276,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise ConfigError("give either a local HF_FOLDER or --from-hub NAME, not both")
     if args.revision and args.from_hub is None:
         raise ConfigError("--revision picks a version on the Hub; it goes with --from-hub NAME")
+    check_out_folder(Path(args.out), args.overwrite)  # before a download that may be large
     if args.from_hub is not None:
         folder, origin = download_from_hub(args.from_hub, args.revision), f"hf:{args.from_hub}"
     else:

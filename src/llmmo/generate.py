@@ -174,8 +174,18 @@ class _Decoder:
     the last step), picks one token per row and appends it.
     """
 
-    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig, eos_id: int | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: Sequence[Sequence[int]],
+        gen: GenerationConfig,
+        eos_id: int | None,
+        vocab_size: int | None = None,
+    ):
         gen.validate()  # a config mutated after construction is checked again
+        # ids at and above the tokenizer's size (a model whose vocabulary is padded, e.g. to a multiple of 64)
+        # stand for no text: they are never picked
+        self.vocab_size = vocab_size
         _check_prompts(model, prompts)
         param = next(model.parameters())
         self.model, self.gen, self.eos_id = model, gen, eos_id
@@ -207,6 +217,8 @@ class _Decoder:
     def step(self) -> list[int | None]:
         """The next token of every row; None for rows that had already finished."""
         logits = self._logits_with_cache() if self.gen.use_cache else self._logits_without_cache()
+        if self.vocab_size is not None and self.vocab_size < logits.size(-1):
+            logits[:, self.vocab_size :] = float("-inf")
         tokens = sample_next(logits, self.gen, self.seen, self.generator)
         self.last = tokens[:, None]
         out: list[int | None] = []
@@ -400,7 +412,7 @@ def stream(
     ids = _encode_prompts(tokenizer, prompts)
     # a word tokenizer's <eos> ends a line, not the text; bpe's and imported tokenizers' end the text
     eos_id = tokenizer.eot_id if tokenizer.kind in ("bpe", "hf") else None
-    decoder = _Decoder(model, ids, gen, eos_id)
+    decoder = _Decoder(model, ids, gen, eos_id, vocab_size=tokenizer.vocab_size)
     rows = [_RowText(tokenizer, p, gen.stop) for p in ids]
     return _stream_text(model, decoder, rows, eos_id)
 

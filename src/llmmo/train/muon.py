@@ -6,8 +6,6 @@ head, norms and biases stay with AdamW, so this one optimizer runs both kinds of
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 # The quintic iteration's coefficients, tuned to push singular values towards 1 in 5 steps (Jordan et al.)
@@ -66,14 +64,14 @@ class Muon(torch.optim.Optimizer):
     def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.zeros(())
+            state["step"] = torch.zeros((), device=p.device)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        step = state["step"].item()
+        step = state["step"]  # a tensor: no device-to-host sync per parameter on a GPU
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step).sqrt()).add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+        p.add_(state["exp_avg"] / denom * (-group["lr"] / (1 - beta1**step)))

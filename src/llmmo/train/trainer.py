@@ -31,7 +31,8 @@ from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
 
 # What defines the sequence of batches: a resumed run must keep these.
-BATCH_KEYS = ("sampler", "seed", "batch_size", "grad_accum")
+# What defines the run's trajectory beyond shape and data: a resumed run must keep these.
+RUN_KEYS = ("sampler", "seed", "batch_size", "grad_accum", "optimizer")
 
 
 class Reporter:
@@ -88,12 +89,17 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, 
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Load the saved moments; the hyper-parameters stay those of this run's config (a resumed run may change
+    its learning rates or weight decay; unchanged, they are the saved ones)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     opt.load_state_dict({"state": state, "param_groups": groups})
+    for group, hyper in zip(opt.param_groups, fresh, strict=True):
+        group.update(hyper)
 
 
 class Trainer:
@@ -162,10 +168,10 @@ class Trainer:
         """A resumed run must be the run that was saved: same shape, data and batches. Budgets, schedule and
         logging may change (e.g. a larger max_steps extends a run)."""
         model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=ckpt.model.cfg.vocab_size))
-        saved = ckpt.trainer_state["json"].get("batches", {})
+        saved = ckpt.trainer_state["json"].get("run", {})
         # data first: a changed data.block_size should be named as such, not as the model.block_size it implies
         pairs = [(f"data.{k}", v, getattr(ckpt.data, k)) for k, v in dataclasses.asdict(self.cfg.data).items()]
-        pairs += [(f"train.{k}", getattr(self.cfg.train, k), saved.get(k)) for k in BATCH_KEYS]
+        pairs += [(f"train.{k}", getattr(self.cfg.train, k), saved.get(k)) for k in RUN_KEYS]
         pairs += [(f"model.{k}", v, getattr(ckpt.model.cfg, k)) for k, v in dataclasses.asdict(model).items()]
         for key, now, before in pairs:
             if now != before and key not in ("model.depth", "data.val_split"):
@@ -210,7 +216,7 @@ class Trainer:
             "flops": self.tokens * self.flops_per_token,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "elapsed_s": self.elapsed(),
-            "batches": {k: getattr(self.cfg.train, k) for k in BATCH_KEYS},
+            "run": {k: getattr(self.cfg.train, k) for k in RUN_KEYS},
             "optimizer": groups,
         }
         return {"json": json_state, "tensors": tensors}
