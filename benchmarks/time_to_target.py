@@ -18,16 +18,8 @@ from llmmo.config import load_config
 from llmmo.train import Trainer
 
 TARGET = 1.886  # nanoGPT's CPU Shakespeare model after 2000 steps of AdamW
-# issue 3's baseline: 4 x 128 gpt2, context 64, batch 12, AdamW lr 1e-3 cosine to 1e-4, warm-up 100, 2000 steps
-BASELINE = {
-    "model.n_layer": 4,
-    "model.n_head": 4,
-    "model.n_embd": 128,
-    "model.dropout": 0.0,
-    "data.block_size": 64,
-    "train.batch_size": 12,
-    "train.max_steps": 2000,
-}
+# issue 3's baseline: nanoGPT's CPU recipe (4 x 128 gpt2, AdamW 1e-3 cosine to 1e-4, 2000 steps)
+BASELINE = "configs/shakespeare-char-cpu.yaml"
 
 
 def run(config: str, overrides: dict, target: float, eval_every: int) -> dict:
@@ -101,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {"llmmo": run(args.config, {}, args.target, args.eval_every)}
     if args.baseline:
-        results["baseline"] = run("configs/shakespeare-char.yaml", BASELINE, args.target, args.eval_every)
+        results["baseline"] = run(BASELINE, {}, args.target, args.eval_every)
     write_curves(results, Path(args.out), args.target)
     print(json.dumps({name: {k: v for k, v in r.items() if k != "curve"} for name, r in results.items()}))
 

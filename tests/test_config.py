@@ -32,6 +32,24 @@ def test_shakespeare_recipe_is_nanogpts_baby_gpt() -> None:
     assert (t.lr, t.max_steps, t.batch_size) == (1e-3, 5000, 64)
 
 
+def test_cpu_recipe_is_the_readme_overrides_of_the_gpu_recipe() -> None:
+    readme = {
+        "model.n_layer": 4,
+        "model.n_head": 4,
+        "model.n_embd": 128,
+        "model.dropout": 0.0,
+        "data.block_size": 64,
+        "train.batch_size": 12,
+        "train.max_steps": 2000,
+    }
+    from_overrides = load_config(CONFIGS / "shakespeare-char.yaml", readme)
+    cpu = load_config(CONFIGS / "shakespeare-char-cpu.yaml")
+    assert cpu.model == from_overrides.model and cpu.data == from_overrides.data
+    assert cpu.train.out_dir != from_overrides.train.out_dir  # its own run folder, the rest equal
+    cpu.train.out_dir = from_overrides.train.out_dir
+    assert cpu.train == from_overrides.train
+
+
 def test_depth_dial_sets_the_shape() -> None:
     m = resolve_config(load_config(overrides={"model.depth": 4})).model
     assert (m.n_layer, m.n_embd, m.n_head, m.n_kv_head) == (4, 256, 4, 4)

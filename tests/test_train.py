@@ -55,14 +55,8 @@ def test_char_shakespeare_learns_within_a_minute(data_dir: Path, tmp_path: Path)
     On an idle 2-core machine this takes about 25 s; the assertion is on the CPU time, not the wall time.
     """
     cfg = load_config(
-        "configs/shakespeare-char.yaml",
+        "configs/shakespeare-char-cpu.yaml",
         {
-            "model.n_layer": 4,
-            "model.n_head": 4,
-            "model.n_embd": 128,
-            "model.dropout": 0.0,
-            "data.block_size": 64,
-            "train.batch_size": 12,
             "train.max_steps": 400,
             "train.eval_every": 400,
             "train.out_dir": str(tmp_path / "run"),

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -126,20 +128,18 @@ class Config:
 SECTIONS = {f.name: f.type for f in fields(Config)}
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def all_keys() -> dict[str, tuple[type, Any]]:
-    """Every dotted key (`model.n_layer`) with its type and default, in declaration order."""
+@functools.cache
+def all_keys() -> Mapping[str, tuple[type, Any]]:
+    """Every dotted key (`model.n_layer`) with its type and default, in declaration order (built once: every
+    `set_key` looks keys up here)."""
     out: dict[str, tuple[type, Any]] = {}
     for section in fields(Config):
         cls = section.default_factory  # type: ignore[misc]
-        hints = _field_types(cls)
+        hints = typing.get_type_hints(cls)
         default = cls()
         for f in fields(cls):
             out[f"{section.name}.{f.name}"] = (hints[f.name], getattr(default, f.name))
-    return out
+    return types.MappingProxyType(out)
 
 
 def key_help() -> dict[str, str]:

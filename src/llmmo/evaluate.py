@@ -46,6 +46,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     nats, count, n_bytes = 0.0, 0, 0
+    whole_split = max_batches == 0  # then its own byte count is exact: no need to add up the tokens' bytes
     byte_table = torch.from_numpy(token_bytes)
     for x, y in eval_windows(split.tokens, model.cfg.block_size, batch_size, max_batches):
         x, y = x.to(device), y.to(device)
@@ -54,9 +55,10 @@ def evaluate(
         nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum").item()
         targets = y[y >= 0].cpu()
         count += targets.numel()
-        n_bytes += int(byte_table[targets].sum())
+        if not whole_split:
+            n_bytes += int(byte_table[targets].sum())
     model.train(was_training)
-    if max_batches == 0:  # the whole split: its text's own bytes (exact also for the lossy word tokenizer)
+    if whole_split:  # the text's own bytes (exact also for the lossy word tokenizer)
         n_bytes = split.n_bytes
     loss = nats / max(count, 1)
     return EvalResult(
