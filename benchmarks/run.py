@@ -75,8 +75,11 @@ def main() -> None:
                     ("shape", "s"),
                     ("batch", "d"),
                     ("llmmo_tok_s", ",.0f"),
+                    ("llmmo_compiled_tok_s", ",.0f"),
                     ("hf_tok_s", ",.0f"),
-                    ("speedup", ".2f"),
+                    ("speedup_eager", ".2f"),
+                    ("speedup_compiled", ".2f"),
+                    ("compile_s", ".0f"),
                 ],
             )
         )

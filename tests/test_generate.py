@@ -17,6 +17,7 @@ from llmmo.generate import (
     GenerationConfig,
     _RowText,
     apply_repetition_penalty,
+    compile_decoder,
     generate,
     generate_ids,
     process_logits,
@@ -25,7 +26,7 @@ from llmmo.generate import (
     top_k_filter,
     top_p_filter,
 )
-from llmmo.model import Transformer
+from llmmo.model import KVCache, Transformer
 from llmmo.tokenizer import bpe_tokenizer, char_tokenizer, word_tokenizer
 
 TEXT = "hello world! the quick brown fox jumps over the lazy dog. 0123456789\n"
@@ -129,6 +130,27 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(family, n_kv_head, 
     alone = [collect(generate_ids(model, [p], gen))[0] for p in prompts]
     assert batch == alone
     assert alone == [reference_greedy(model, p, gen.max_new_tokens) for p in prompts]
+
+
+@pytest.mark.parametrize("family, n_kv_head", FAMILIES)
+def test_compiled_decoder_computes_the_eager_logits_and_tokens(family, n_kv_head):
+    model = train(tiny(family, n_kv_head), CHAR.encode(TEXT * 10), steps=60).eval()
+    compiled = compile_decoder(model)
+    assert dict(compiled.named_parameters()).keys() == {f"_orig_mod.{k}" for k in dict(model.named_parameters())}
+    torch.manual_seed(1)
+    for batch, pad in ((1, None), (2, torch.tensor([0, 3]))):  # one row (decomposed products), padded rows
+        caches = [KVCache(model.cfg, batch, model.cfg.block_size, pad=pad) for _ in range(2)]
+        ids = torch.randint(0, CHAR.vocab_size, (batch, 6))
+        with torch.inference_mode():
+            for _ in range(4):  # the prompt, then three decoding steps
+                eager, _ = model(ids, kv_cache=caches[0])
+                fast, _ = compiled(ids, kv_cache=caches[1])
+                torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+                ids = eager[:, -1:].argmax(-1)
+        assert caches[0].pos == caches[1].pos == 9
+    prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
+    gen = greedy(max_new_tokens=12)
+    assert collect(generate_ids(compiled, prompts, gen)) == collect(generate_ids(model, prompts, gen))
 
 
 @pytest.mark.parametrize("family, n_kv_head", FAMILIES)

@@ -195,7 +195,7 @@ def unescape(text: str) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
-    from llmmo.generate import GenerationConfig, generate, stream
+    from llmmo.generate import GenerationConfig, compile_decoder, generate, stream
     from llmmo.train import pick_device
 
     prompts = [unescape(p) for p in args.prompt or [""]]
@@ -212,14 +212,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(unescape(s) for s in args.stop),
         use_cache=not args.no_cache,
     )
+    model = compile_decoder(ckpt.model) if args.compile else ckpt.model
     if args.stream:
         sys.stdout.write(prompts[0])
-        for pieces in stream(ckpt.model, ckpt.tokenizer, prompts, gen):
+        for pieces in stream(model, ckpt.tokenizer, prompts, gen):
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for i, (prompt, text) in enumerate(zip(prompts, generate(ckpt.model, ckpt.tokenizer, prompts, gen), strict=True)):
+    for i, (prompt, text) in enumerate(zip(prompts, generate(model, ckpt.tokenizer, prompts, gen), strict=True)):
         if len(prompts) > 1:
             print(f"--- sample {i + 1} ---")
         print(prompt + text)
@@ -350,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (for checks)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decoding step first (torch.compile; 10-60 s on a CPU, then up to 3x faster per token)",
+    )
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_generate)
 

@@ -140,6 +140,33 @@ def sample_next(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A compiled decoding step
+
+
+def compile_decoder(model: nn.Module) -> nn.Module:
+    """The model compiled for decoding (torch.compile with Inductor), to pass to any function of this module.
+
+    One decoding step (a token per row through every layer) is dozens of small operations. Eager PyTorch pays
+    a few microseconds of dispatch for each, which is most of the step for small models; and its matrix-vector
+    products read the weights with one thread. Inductor fuses the step into a few kernels, and its
+    `decompose_mm_pass` turns single-row products into multiply-and-sum reductions that it parallelises over the
+    output rows, which reads the weights at about twice the bandwidth (docs/LOG.md). The KV cache has the same
+    shapes at every step, so the prompt and the decoding step are compiled once each; compiling takes 10-60 s
+    on a CPU, so it pays for long generations and for servers. The module is unchanged (same parameters).
+    """
+    # single-row products only: from two rows up the library's matrix product reads each weight once for all
+    options = {
+        "post_grad_fusion_options": {
+            "decompose_mm_pass": {
+                "cpu_max_first_dimension_decomposition": 1,
+                "cpu_max_other_dimension_decomposition": 1 << 16,
+            }
+        }
+    }
+    return torch.compile(model, options=options)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Token ids in, token ids out
 
 

@@ -25,6 +25,10 @@ class KVCache:
 
     Rows of a batch may hold prompts of different lengths: they are left-padded, and `pad[b]` counts the
     padding of row b, which is masked out of attention and not counted in positions.
+
+    Attention reads all `max_len` slots, the ones not written yet masked out, and new keys are written with
+    a tensor of slot indices. So every decoding step has the same shapes and the same operations whatever the
+    position: a compiled step (`generate.compile_decoder`) is traced once and updates the cache in place.
     """
 
     def __init__(
@@ -36,43 +40,47 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        # one tensor per layer, so that writing a layer's slots is an in-place index_put on a whole tensor
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0  # positions filled so far (the same for every row)
         self.pad = pad.to(device) if pad is not None else None  # (B,) left-padding per row
+        self.slots = torch.arange(max_len, device=device)  # (max_len,) slot index of every cached key
+
+    def new_slots(self, T: int) -> torch.Tensor:
+        """(T,) slots the next T tokens are written to."""
+        return self.slots[:T] + self.pos
 
     def positions(self, T: int) -> torch.Tensor:
         """Positions of the next T tokens: (T,), or (B, T) when rows are padded."""
-        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        pos = self.new_slots(T)
         if self.pad is None:
             return pos
         return (pos[None, :] - self.pad[:, None]).clamp(min=0)
 
-    def attn_mask(self, T: int) -> torch.Tensor | None:
-        """Boolean (B or 1, 1, T, pos + T) mask of the keys each of the next T queries may see; None if all."""
-        if T == 1 and self.pad is None:
-            return None  # one new token sees every cached one
-        q = torch.arange(self.pos, self.pos + T, device=self.k.device)
-        kpos = torch.arange(self.pos + T, device=self.k.device)
-        mask = kpos[None, :] <= q[:, None]  # (T, pos+T): causal
+    def attn_mask(self, T: int) -> torch.Tensor:
+        """Boolean (B or 1, 1, T, max_len) mask of the slots each of the next T queries may see."""
+        q = self.new_slots(T)
+        mask = self.slots[None, :] <= q[:, None]  # (T, max_len): causal, and unwritten slots are in the future
         if self.pad is not None:
-            mask = mask[None] & (kpos[None, None, :] >= self.pad[:, None, None])  # (B, T, pos+T)
+            mask = mask[None] & (self.slots[None, None, :] >= self.pad[:, None, None])  # (B, T, max_len)
             # a padding query would see no key at all, and some attention kernels answer NaN for an empty
             # softmax; letting it see itself keeps every value finite (its output is never used)
-            mask |= kpos[None, None, :] == q[None, :, None]
+            mask |= self.slots[None, None, :] == q[None, :, None]
             return mask[:, None]
         return mask[None, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new (B, Hkv, T, D) keys and values; return all of them so far."""
+        """Store this layer's new (B, Hkv, T, D) keys and values; return all max_len slots (B, Hkv, S, D)."""
         T = k.size(2)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos + T} needed")
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+        slots = self.new_slots(T)
+        self.k[layer][:, :, slots] = k
+        self.v[layer][:, :, slots] = v
+        return self.k[layer], self.v[layer]
 
     def advance(self, T: int) -> None:
         self.pos += T
