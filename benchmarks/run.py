@@ -1,7 +1,7 @@
 """Every benchmark in one run, so that all ratios come from one machine state: `make bench`.
 
 Writes benchmarks/results/bench.json and bench.md (the tables), plus the time-to-target curve (CSV, PNG).
-python -m benchmarks.run [--only train,generate,target,help] [--baseline] [--out DIR]
+python -m benchmarks.run [--only help,train,generate,target,distributed] [--baseline] [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.common import run_child, table
 
-PARTS = ("help", "train", "generate", "target")
+PARTS = ("help", "train", "generate", "target", "distributed")
 
 
 def help_latency(repeats: int = 5) -> dict:
@@ -102,6 +102,21 @@ def main() -> None:
                 ],
             )
             + f"\n\nCurves: {out}/time_to_target.csv, {out}/time_to_target.png"
+        )
+    if "distributed" in parts:
+        results["distributed"] = run_child("benchmarks.distributed_speed")
+        report.append(
+            "### Training on 1 and N processes (0.8M shape, the same global batch; torchrun)\n"
+            + table(
+                results["distributed"],
+                [
+                    ("device", "s"),
+                    ("processes", "d"),
+                    ("parallel", "s"),
+                    ("tok_s", ",.0f"),
+                    ("vs_one_process", ".2f"),
+                ],
+            )
         )
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     text = "\n\n".join(report) + "\n"

@@ -254,7 +254,8 @@ def test_resume_refuses_a_different_run(data_dir: Path, tmp_path: Path) -> None:
         ("train.batch_size", 8),
         ("data.tokenizer", "bpe"),
     ]:
-        with pytest.raises(ConfigError, match=f"--train.resume: {key} is .* but the run in .* used"):
+        shown = "train.batch_size x processes" if key == "train.batch_size" else key
+        with pytest.raises(ConfigError, match=f"--train.resume: {shown} is .* but the run in .* used"):
             Trainer(load_config(overrides=tiny(out, **{"train.resume": True, key: value})))
     with pytest.raises(ConfigError, match="--train.resume: train.optimizer is 'muon' but the run in .* used 'adamw'"):
         Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.optimizer": "muon"})))

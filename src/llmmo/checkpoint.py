@@ -51,8 +51,13 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     data: DataConfig,
     trainer_state: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint folder; `trainer_state` ({"json": {...}, "tensors": {...}}) makes it resumable."""
+    """Write a checkpoint folder; `trainer_state` ({"json": {...}, "tensors": {...}}) makes it resumable.
+
+    `weights` replaces model.state_dict() when the model holds only this process's shards (FSDP): the whole
+    tensors, gathered by the caller.
+    """
     meta = {
         "format_version": FORMAT_VERSION,
         "llmmo_version": __version__,
@@ -63,9 +68,9 @@ def save_checkpoint(
         meta |= {k: trainer_state["json"][k] for k in ("step", "tokens") if k in trainer_state["json"]}
 
     with atomic_folder(Path(path)) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()}
         if model.cfg.tie_embeddings:
-            del weights["lm_head.weight"]  # the same tensor as tok_emb.weight
+            weights.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
         safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp / "tokenizer.json")

@@ -114,12 +114,48 @@ class ProgressReporter:
         )
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train arguments to hand to each process: all but --nproc N / --nproc=N."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out[1:] if out[:1] == ["train"] else out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        from llmmo.distributed import launch_local
+
+        cfg = _config_from_args(args, ("model", "data", "train"))  # a bad option fails here, not N times
+        code = launch_local(args.nproc, _without_nproc(args.argv))
+        if code != 0:
+            raise LlmmoError(
+                f"a training process failed (torchrun exit code {code}; its report is above); the last complete "
+                f"checkpoint is {cfg.train.out_dir}/ckpt-latest: continue with --train.resume true"
+            )
+        return 0
+    import torch.distributed
+
     from llmmo.train import Trainer
 
     cfg = _config_from_args(args, ("model", "data", "train"))
     reporter = ProgressReporter()
-    result = Trainer(cfg, reporter).run()
+    try:
+        result = Trainer(cfg, reporter).run()
+    except torch.distributed.DistError as e:
+        raise LlmmoError(
+            f"lost contact with the other training processes ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "one of them failed or hung, see its messages"
+        ) from None
+    finally:
+        from llmmo.distributed import close_world
+
+        close_world()
     if reporter.bar is not None:
         reporter.bar.close()
     state = "interrupted (Ctrl-C); checkpoint saved, resume with --train.resume true" if result.interrupted else "done"
@@ -321,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model",
         description="Train a model. Keys: --config recipe, then --section.key overrides.",
     )
+    p.add_argument(
+        "--nproc",
+        type=at_least(1),
+        default=1,
+        help="train in N processes on this machine (launches torchrun; one per GPU, or CPU processes with gloo)",
+    )
     _add_config_options(p, ("model", "data", "train"))
     p.set_defaults(func=cmd_train)
 
@@ -413,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         if unknown:
             _reject_unknown(unknown)

@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adam", "muon"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.sampler": ("random", "epoch"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 
@@ -90,8 +91,8 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop, its budget and its outputs."""
 
-    batch_size: int = 12  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 12  # sequences per micro-batch and process; a step's batch: this x grad_accum x processes
+    grad_accum: int = 1  # micro-batches per optimizer step (gradients are reduced over processes once, at the last)
     optimizer: str = "adamw"  # adamw (decoupled decay) | adam (no decay) | muon (Muon for matrices, AdamW rest)
     lr: float = 1e-3  # the peak learning rate, reached after warm-up
     muon_lr: float = 0.02  # optimizer=muon: the peak learning rate of the blocks' matrices
@@ -108,7 +109,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # > 0: stop after this much wall-clock time
     target_loss: float = 0.0  # > 0: stop at the first evaluation whose val loss is at or below it
     eval_every: int = 250  # evaluate and checkpoint every this many steps (and at the end)
-    eval_batches: int = 0  # > 0: evaluate on this many batches only; 0: the whole split
+    eval_batches: int = 0  # > 0: evaluate on this many batches (of batch_size x processes) only; 0: the whole split
     log_every: int = 10  # write a training record every this many steps
     seed: int = 1337  # seeds the initial weights, the batches and dropout
     out_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, ckpt-latest/, ckpt-best/
@@ -116,6 +117,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    parallel: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it per block, FSDP2)
+    dist_timeout_s: float = 120.0  # under torchrun: a collective waiting longer than this fails the job
 
 
 @dataclass
@@ -291,7 +294,7 @@ def resolve_config(cfg: Config) -> Config:
     """A copy of `cfg` with every implied value filled in and every impossible combination refused."""
     cfg = copy.deepcopy(cfg)
     d, t = cfg.data, cfg.train
-    for key in ("data.tokenizer", "train.optimizer", "train.dtype", "train.sampler"):
+    for key in ("data.tokenizer", "train.optimizer", "train.dtype", "train.sampler", "train.parallel"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) not in CHOICES[key]:
             raise ConfigError(f"{key} '{getattr(getattr(cfg, section), name)}' is not one of {list(CHOICES[key])}")
@@ -316,6 +319,8 @@ def resolve_config(cfg: Config) -> Config:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
+    if t.dist_timeout_s <= 0:
+        raise ConfigError(f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.epochs > 0 and t.sampler != "epoch":
         raise ConfigError("train.epochs needs train.sampler=epoch (each window once per epoch)")
     if t.max_steps <= 0 and t.epochs <= 0 and t.max_tokens <= 0:

@@ -2,7 +2,8 @@
 
 The training samplers are stateless: the batch of (step, micro, rank) is a pure function of those numbers and
 the seed. Resuming at step k therefore reproduces exactly the batches an uninterrupted run would have seen,
-with no sampler state to save, and ranks or micro-batches never share a random draw.
+with no sampler state to save; the ranks of a step share out one global batch, so the windows a step trains
+on do not depend on how many processes share it.
 """
 
 from __future__ import annotations
@@ -55,13 +56,18 @@ class _Windows:
 
 
 class RandomWindows(_Windows):
-    """Windows at uniformly random offsets, drawn afresh for every (step, micro, rank) from a seeded generator."""
+    """Windows at uniformly random offsets, drawn afresh for every (step, micro) from a seeded generator.
+
+    The draw is the global batch, world_size x batch_size windows, and rank r takes rows [r * batch_size,
+    (r + 1) * batch_size): N processes of batch_size B train on exactly the windows of one process of N x B.
+    """
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         _check_micro(micro, self.grad_accum)
-        rng = np.random.default_rng((self.seed, step, micro, self.rank))
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        return _windows(self.tokens, starts, self.block_size)
+        rng = np.random.default_rng((self.seed, step, micro, 0))  # the 0 keeps the seeds of earlier versions
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _windows(self.tokens, mine, self.block_size)
 
 
 class EpochWindows(_Windows):

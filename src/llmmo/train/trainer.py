@@ -2,6 +2,8 @@
 
 The loop is deterministic given the config: batches are a pure function of (seed, step, micro-step), and
 the RNG state (dropout) travels in the checkpoint, so a resumed run repeats the uninterrupted run's losses.
+Under torchrun the same loop runs in every process (llmmo.distributed): each takes its share of the step's
+batch, gradients are reduced once per step, and rank 0 alone writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ import yaml
 from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmmo.config import Config, config_to_dict, resolve_config, resolve_model
 from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
+from llmmo.distributed import (
+    full_optimizer_state,
+    full_weights,
+    gradient_sync,
+    init_world,
+    load_full_optimizer_state,
+    parallelize,
+    total_norm,
+)
 from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
 from llmmo.fileio import write_text_atomic
@@ -30,9 +41,9 @@ from llmmo.model import Transformer
 from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
 
-# What defines the sequence of batches: a resumed run must keep these.
-# What defines the run's trajectory beyond shape and data: a resumed run must keep these.
-RUN_KEYS = ("sampler", "seed", "batch_size", "grad_accum", "optimizer")
+# What defines the run's trajectory beyond shape and data: a resumed run must keep these. The batch size is
+# compared as the step's global batch (batch_size x processes): a run may resume on another number of processes.
+RUN_KEYS = ("sampler", "seed", "global_batch_size", "grad_accum", "optimizer")
 
 
 class Reporter:
@@ -81,23 +92,27 @@ def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Split the optimizer state into JSON (hyper-parameters) and tensors (moments), for safetensors."""
-    sd = opt.state_dict()
-    tensors = {f"optim.{pid}.{name}": value for pid, state in sd["state"].items() for name, value in state.items()}
-    return sd["param_groups"], tensors
+def _optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Split the optimizer state into JSON (hyper-parameters) and tensors (moments by parameter name), for
+    safetensors. A collective under FSDP (the moments are gathered whole)."""
+    full = full_optimizer_state(model, opt)
+    state = full.get("state", {})  # empty on ranks other than 0 under FSDP
+    tensors = {f"optim.{name}.{key}": value for name, moments in state.items() for key, value in moments.items()}
+    return full.get("param_groups", []), tensors
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+def _restore_optimizer(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]
+) -> None:
     """Load the saved moments; the hyper-parameters stay those of this run's config (a resumed run may change
     its learning rates or weight decay; unchanged, they are the saved ones)."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
+            name, moment = key[len("optim.") :].rsplit(".", 1)
+            state.setdefault(name, {})[moment] = value
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    load_full_optimizer_state(model, opt, {"state": state, "param_groups": groups})
     for group, hyper in zip(opt.param_groups, fresh, strict=True):
         group.update(hyper)
 
@@ -110,25 +125,40 @@ class Trainer:
         self.reporter = reporter or Reporter()
         t = self.cfg.train
         self.out_dir = Path(t.out_dir)
-        self.device = pick_device(t.device)
+        self.world, self.device = init_world(pick_device(t.device), t.dist_timeout_s)
+        if self.world.size > 1 and t.parallel == "fsdp" and t.optimizer == "muon":
+            raise ConfigError(
+                "train.optimizer=muon orthogonalizes whole matrices, which FSDP shards over the processes; "
+                "use --train.parallel ddp with muon, or --train.optimizer adamw with fsdp"
+            )
         self.autocast = autocast_for(self.device, t.dtype)
         resumed = self._load_resume_checkpoint()
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same on every rank: the initial weights must agree
 
-        self.data: PreparedData = prepare_data(self.cfg.data, tokenizer=resumed.tokenizer if resumed else None)
+        self.data: PreparedData = self._prepare_data(resumed)
         self.cfg.model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=self._vocab_size()))
         self.model = resumed.model.train() if resumed else Transformer(self.cfg.model)
         self.model.to(self.device)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
+            torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
+        bf16 = self.device.type == "cuda" and t.dtype != "fp32"
+        self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
+        self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.optimizer = build_optimizer(self.model, t)
         self.token_bytes = self.data.tokenizer.token_bytes()
 
         train_tokens = self.data.splits[self.cfg.data.train_split].tokens
         sampler_cls = EpochWindows if t.sampler == "epoch" else RandomWindows
         self.sampler = sampler_cls(
-            train_tokens, self.cfg.data.block_size, t.batch_size, t.seed, grad_accum=t.grad_accum
+            train_tokens,
+            self.cfg.data.block_size,
+            t.batch_size,
+            t.seed,
+            rank=self.world.rank,
+            world_size=self.world.size,
+            grad_accum=t.grad_accum,
         )
-        self.tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.block_size
+        self.tokens_per_step = t.batch_size * t.grad_accum * self.world.size * self.cfg.data.block_size
         self.total_steps = self._total_steps()
         self.flops_per_token = self.model.flops_per_token()
 
@@ -136,6 +166,16 @@ class Trainer:
         self.resumed = resumed is not None
         if resumed:
             self._restore(resumed)
+
+    def _prepare_data(self, resumed: Checkpoint | None) -> PreparedData:
+        """Tokenize (or read the cache): rank 0 first, then the others read what it wrote."""
+        tokenizer = resumed.tokenizer if resumed else None
+        if not self.world.is_main:
+            self.world.barrier()
+        data = prepare_data(self.cfg.data, tokenizer=tokenizer)
+        if self.world.is_main:
+            self.world.barrier()
+        return data
 
     def _vocab_size(self) -> int:
         """The tokenizer's size, or a larger model.vocab_size (padding the vocabulary to a multiple of 64 makes
@@ -171,7 +211,10 @@ class Trainer:
         saved = ckpt.trainer_state["json"].get("run", {})
         # data first: a changed data.block_size should be named as such, not as the model.block_size it implies
         pairs = [(f"data.{k}", v, getattr(ckpt.data, k)) for k, v in dataclasses.asdict(self.cfg.data).items()]
-        pairs += [(f"train.{k}", getattr(self.cfg.train, k), saved.get(k)) for k in RUN_KEYS]
+        if "global_batch_size" not in saved and "batch_size" in saved:  # saved by one process before this key
+            saved = saved | {"global_batch_size": saved["batch_size"]}
+        label = {"global_batch_size": "batch_size x processes"}
+        pairs += [(f"train.{label.get(k, k)}", self._run_keys()[k], saved.get(k)) for k in RUN_KEYS]
         pairs += [(f"model.{k}", v, getattr(ckpt.model.cfg, k)) for k, v in dataclasses.asdict(model).items()]
         for key, now, before in pairs:
             if now != before and key not in ("model.depth", "data.val_split"):
@@ -185,8 +228,10 @@ class Trainer:
         try:
             self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
             self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
-            _restore_optimizer(self.optimizer, state["optimizer"], tensors)
-            torch.set_rng_state(tensors["rng.cpu"])
+            _restore_optimizer(self.model, self.optimizer, state["optimizer"], tensors)
+            torch.set_rng_state(tensors["rng.cpu"])  # rank 0's; the other ranks draw from their own seed
+            if self.world.rank > 0:
+                torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.world.rank + self.step)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"the trainer state in '{self.out_dir / 'ckpt-latest'}' is damaged ({type(e).__name__}: {e}); "
@@ -205,8 +250,13 @@ class Trainer:
             limits.append(math.ceil(t.max_tokens / self.tokens_per_step))
         return min(limits)
 
+    def _run_keys(self) -> dict[str, Any]:
+        t = self.cfg.train
+        keys = {k: getattr(t, k) for k in RUN_KEYS if hasattr(t, k)}
+        return keys | {"global_batch_size": t.batch_size * self.world.size}
+
     def _trainer_state(self) -> dict[str, Any]:
-        groups, tensors = _optimizer_state(self.optimizer)
+        groups, tensors = _optimizer_state(self.model, self.optimizer)
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -216,13 +266,17 @@ class Trainer:
             "flops": self.tokens * self.flops_per_token,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "elapsed_s": self.elapsed(),
-            "run": {k: getattr(self.cfg.train, k) for k in RUN_KEYS},
+            "run": self._run_keys() | {"processes": self.world.size},
             "optimizer": groups,
         }
         return {"json": json_state, "tensors": tensors}
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.out_dir / name, self.model, self.data.tokenizer, self.cfg.data, self._trainer_state())
+        """Write a checkpoint of whole tensors: every rank gathers (under FSDP), rank 0 writes, all wait for it."""
+        weights, state = full_weights(self.model), self._trainer_state()
+        if self.world.is_main:
+            save_checkpoint(self.out_dir / name, self.model, self.data.tokenizer, self.cfg.data, state, weights)
+        self.world.barrier()
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -242,10 +296,11 @@ class Trainer:
             self.model,
             self.data.splits[self.cfg.data.val_split],
             self.token_bytes,
-            batch_size=t.batch_size,
+            batch_size=t.batch_size * self.world.size,  # the global batch: the same windows on any number of ranks
             max_batches=t.eval_batches,
             device=self.device,
             autocast=self.autocast,
+            world=self.world,
         )
         record = self._counters() | val.as_dict(prefix="val_")
         del record["val_tokens"], record["val_bytes"]
@@ -278,12 +333,14 @@ class Trainer:
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step, micro)
             x, y = x.to(self.device), y.to(self.device)
-            with self.autocast:
-                _, loss = self.forward(x, y)
-            (loss / t.grad_accum).backward()
+            with gradient_sync(self.forward, enabled=micro == t.grad_accum - 1):
+                with self.autocast:
+                    _, loss = self.forward(x, y)
+                (loss / t.grad_accum).backward()
             loss_sum += loss.item()
+        (loss_sum,) = self.world.sum([loss_sum / self.world.size])  # the mean over the step's whole batch
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -304,8 +361,12 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.cfg.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if self.resumed else None)
-        write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        main = self.world.is_main
+        self.metrics = MetricsLog(self.out_dir, resume_step=self.step if self.resumed else None, enabled=main)
+        if main:
+            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        else:
+            self.reporter = Reporter()  # progress shows once, from rank 0
         self.t0 = time.perf_counter()
         self.reporter.start(
             {
@@ -316,6 +377,7 @@ class Trainer:
                 "params": self.model.num_params(),
                 "flops_per_token": self.flops_per_token,
                 "tokens_per_step": self.tokens_per_step,
+                "processes": self.world.size,
                 "start_step": self.step,
                 "total_steps": self.total_steps,
                 "train_tokens": len(self.data.splits[self.cfg.data.train_split]),
