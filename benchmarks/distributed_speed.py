@@ -60,9 +60,9 @@ def main() -> None:
         device, counts = "cuda", range(1, torch.cuda.device_count() + 1)
     else:
         device, counts = "cpu", (1, 2)
-    global_batch = 2 * SHAPES[args.shape]["train.batch_size"]  # divisible by 1 and 2 processes
+    global_batch = 2 * SHAPES[args.shape]["train.batch_size"]
     rows = []
-    for n in counts:
+    for n in [n for n in counts if global_batch % n == 0]:  # the same global batch for every count measured
         for parallel in ("ddp",) if n == 1 else ("ddp", "fsdp"):
             rate = tokens_per_s(n, parallel, args.shape, args.steps, device, global_batch)
             rows.append({"device": device, "processes": n, "parallel": parallel if n > 1 else "-", "tok_s": rate})

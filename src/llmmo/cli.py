@@ -114,17 +114,18 @@ class ProgressReporter:
         )
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The train arguments to hand to each process: all but --nproc N / --nproc=N."""
-    out, skip = [], False
+def _train_args_without_nproc(args: argparse.Namespace) -> list[str]:
+    """What each process gets after `llmmo train`: the options given, but --nproc N / --nproc=N."""
+    argv = args.argv[args.argv.index("train") + 1 :]
+    out, skip = ["--debug"] if args.debug else [], False
     for a in argv:
         if skip:
             skip = False
         elif a == "--nproc":
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith("--nproc=") and a != "--debug":
             out.append(a)
-    return out[1:] if out[:1] == ["train"] else out
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -132,12 +133,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from llmmo.distributed import launch_local
 
         cfg = _config_from_args(args, ("model", "data", "train"))  # a bad option fails here, not N times
-        code = launch_local(args.nproc, _without_nproc(args.argv))
+        code = launch_local(args.nproc, _train_args_without_nproc(args))
         if code != 0:
-            raise LlmmoError(
-                f"a training process failed (torchrun exit code {code}; its report is above); the last complete "
-                f"checkpoint is {cfg.train.out_dir}/ckpt-latest: continue with --train.resume true"
+            latest = Path(cfg.train.out_dir) / "ckpt-latest"
+            saved = (
+                f"the last complete checkpoint is {latest}: continue with --train.resume true"
+                if latest.is_dir()
+                else "no checkpoint was written"
             )
+            raise LlmmoError(f"a training process stopped (torchrun exit code {code}; its report is above); {saved}")
         return 0
     import torch.distributed
 
@@ -158,6 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         close_world()
     if reporter.bar is not None:
         reporter.bar.close()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 130 if result.interrupted else 0
     state = "interrupted (Ctrl-C); checkpoint saved, resume with --train.resume true" if result.interrupted else "done"
     print(
         f"{state}: step {result.step}, {result.tokens:,} tokens, {result.flops:.3e} FLOPs, "

@@ -118,7 +118,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     parallel: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it per block, FSDP2)
-    dist_timeout_s: float = 120.0  # under torchrun: a collective waiting longer than this fails the job
+    dist_timeout_s: float = 600.0  # under torchrun: a collective waiting longer than this fails the job
 
 
 @dataclass

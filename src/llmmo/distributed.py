@@ -32,7 +32,7 @@ class World:
     """This process's place among the training processes."""
 
     rank: int = 0
-    local_rank: int = 0  # rank on this machine: picks the GPU
+    local_rank: int = 0  # rank on this machine: picks the GPU; 0 prepares the machine's data cache
     size: int = 1
 
     @property
@@ -109,11 +109,16 @@ def parallelize(model: nn.Module, parallel: str, world: World, device: torch.dev
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # buffers (RoPE tables) are equal on every rank and never change: no broadcast before each forward
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
+    # the mesh on the run's device: FSDP's default mesh takes the GPU whenever there is one, also for a CPU run
+    kwargs: dict[str, Any] = {"mesh": init_device_mesh(device.type, (world.size,))}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -146,11 +151,11 @@ def _is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole tensors on the CPU, by name: gathered from the shards under FSDP (a collective: every
-    rank calls it; rank 0 gets the tensors, the others an empty dict)."""
+def full_weights(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The model's whole tensors on the CPU, by name, on rank 0 (the others get an empty dict). Under FSDP they
+    are gathered from the shards: a collective, every rank calls it."""
     if not _is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if world.is_main else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -162,15 +167,17 @@ def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict[str, Any]:
     """{"state": {name: {moment: tensor}}, "param_groups": [{..., "params": [names]}]} with whole tensors on the
-    CPU (a collective under FSDP: rank 0 gets it all, the others empty)."""
+    CPU, on rank 0 (the others get an empty dict; a collective under FSDP)."""
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+    if not world.is_main:
+        return {}
     names = _names(model, optimizer)
     sd = optimizer.state_dict()
     state = {names[i]: {k: v.detach().cpu() for k, v in s.items()} for i, s in sd["state"].items()}
@@ -179,13 +186,24 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> None:
-    """Load what `full_optimizer_state` returned (every rank passes the whole state; FSDP keeps its shards)."""
+    """Load what `full_optimizer_state` returned (every rank passes the whole state; FSDP keeps its shards).
+
+    Checkpoints of llmmo 0.1 keyed the state by position in the optimizer ("0", "1", ...): read as the names of
+    the parameters in that order."""
+    names = _names(model, optimizer)
+    by_name = {n: names[int(n)] if n.isdigit() else n for n in full["state"]}
+    full = {
+        "state": {by_name[n]: s for n, s in full["state"].items()},
+        "param_groups": [
+            g | {"params": [names[p] if isinstance(p, int) else p for p in g["params"]]} for g in full["param_groups"]
+        ],
+    }
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
         return
-    index = {name: i for i, name in enumerate(_names(model, optimizer))}
+    index = {name: i for i, name in enumerate(names)}
     state = {index[name]: s for name, s in full["state"].items()}
     groups = [g | {"params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -208,4 +226,9 @@ def launch_local(nproc: int, train_args: list[str]) -> int:
     if launched_by_torchrun():
         raise ConfigError("--nproc starts torchrun itself; under torchrun already, drop --nproc")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([*command, "-m", "llmmo", "train", *train_args]).returncode
+    job = subprocess.Popen([*command, "-m", "llmmo", "train", *train_args])
+    while True:
+        try:
+            return job.wait()
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its processes: wait for them
+            continue

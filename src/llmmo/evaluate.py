@@ -46,9 +46,10 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `model` on `split` (the whole split, or its first `max_batches` batches).
 
-    With a `world` of several training processes, rank r takes batches r, r + N, ..., and the sums of loss,
-    tokens and bytes are added over the ranks: every rank returns the result of the whole split. Each rank runs
-    the same number of forward passes (a sharded model gathers its weights in each), the spare ones uncounted.
+    With a `world` of N training processes, `batch_size` is the global batch: rank r takes rows [r * B, (r + 1)
+    * B) of each batch, B = batch_size / N rounded up, and the sums of loss, tokens and bytes are added over the
+    ranks, so every rank returns the result of the whole split. A rank left without rows in a short last batch
+    runs a spare pass (uncounted): a sharded model gathers its weights in each forward, with every rank.
     """
     world = world or World()
     was_training = model.training
@@ -56,25 +57,22 @@ def evaluate(
     nats, count, n_bytes = 0.0, 0, 0
     whole_split = max_batches == 0  # then its own byte count is exact: no need to add up the tokens' bytes
     byte_table = torch.from_numpy(token_bytes)
-    windows = -(-max(len(split.tokens) - 1, 0) // model.cfg.block_size)
-    n_batches = -(-windows // batch_size)
-    n_batches = min(n_batches, max_batches) if max_batches > 0 else n_batches
-    passes = 0
-    for i, (x, y) in enumerate(eval_windows(split.tokens, model.cfg.block_size, batch_size, max_batches)):
-        if i % world.size != world.rank:
-            continue
+    share = -(-batch_size // world.size)
+    for x, y in eval_windows(split.tokens, model.cfg.block_size, batch_size, max_batches):
+        x, y = x[world.rank * share : (world.rank + 1) * share], y[world.rank * share : (world.rank + 1) * share]
+        if len(x) == 0:
+            x = torch.zeros(1, model.cfg.block_size, dtype=torch.long)
+            y = torch.full_like(x, -1)
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             logits, _ = model(x)
-        passes += 1
+        targets = y[y >= 0]
+        if targets.numel() == 0:
+            continue
         nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum").item()
-        targets = y[y >= 0].cpu()
         count += targets.numel()
         if not whole_split:
-            n_bytes += int(byte_table[targets].sum())
-    for _ in range(-(-n_batches // world.size) - passes):  # spare passes, results unused
-        with autocast or contextlib.nullcontext():
-            model(torch.zeros(1, model.cfg.block_size, dtype=torch.long, device=device))
+            n_bytes += int(byte_table[targets.cpu()].sum())
     model.train(was_training)
     nats, count, n_bytes = world.sum([nats, count, n_bytes])
     count, n_bytes = int(count), int(n_bytes)

@@ -26,6 +26,7 @@ from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmmo.config import Config, config_to_dict, resolve_config, resolve_model
 from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
 from llmmo.distributed import (
+    World,
     full_optimizer_state,
     full_weights,
     gradient_sync,
@@ -83,19 +84,25 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    """bf16 on GPUs that run it fast ('auto'), or when asked ('bf16'); fp32 otherwise. CPUs without bf16 matrix
+    units run it ~100x slower than fp32, hence fp32 there by default."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs that run it fast ('auto'), or when asked ('bf16'); fp32 otherwise. CPUs without
-    bf16 matrix units run it ~100x slower than fp32, hence fp32 there by default."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
+    """bf16 autocast where `uses_bf16`, else nothing (fp32)."""
+    if uses_bf16(device, dtype):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def _optimizer_state(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, world: World
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Split the optimizer state into JSON (hyper-parameters) and tensors (moments by parameter name), for
-    safetensors. A collective under FSDP (the moments are gathered whole)."""
-    full = full_optimizer_state(model, opt)
+    safetensors; empty on ranks other than 0. A collective under FSDP (the moments are gathered whole)."""
+    full = full_optimizer_state(model, opt, world)
     state = full.get("state", {})  # empty on ranks other than 0 under FSDP
     tensors = {f"optim.{name}.{key}": value for name, moments in state.items() for key, value in moments.items()}
     return full.get("param_groups", []), tensors
@@ -141,7 +148,7 @@ class Trainer:
         self.model.to(self.device)
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
-        bf16 = self.device.type == "cuda" and t.dtype != "fp32"
+        bf16 = uses_bf16(self.device, t.dtype)
         self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
         self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.optimizer = build_optimizer(self.model, t)
@@ -168,12 +175,14 @@ class Trainer:
             self._restore(resumed)
 
     def _prepare_data(self, resumed: Checkpoint | None) -> PreparedData:
-        """Tokenize (or read the cache): rank 0 first, then the others read what it wrote."""
+        """Tokenize (or read the cache): the first process of each machine first, then the others read the cache
+        it wrote (the cache is per machine)."""
         tokenizer = resumed.tokenizer if resumed else None
-        if not self.world.is_main:
+        first = self.world.local_rank == 0
+        if not first:
             self.world.barrier()
         data = prepare_data(self.cfg.data, tokenizer=tokenizer)
-        if self.world.is_main:
+        if first:
             self.world.barrier()
         return data
 
@@ -229,9 +238,7 @@ class Trainer:
             self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
             self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
             _restore_optimizer(self.model, self.optimizer, state["optimizer"], tensors)
-            torch.set_rng_state(tensors["rng.cpu"])  # rank 0's; the other ranks draw from their own seed
-            if self.world.rank > 0:
-                torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.world.rank + self.step)
+            torch.set_rng_state(tensors["rng.cpu"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"the trainer state in '{self.out_dir / 'ckpt-latest'}' is damaged ({type(e).__name__}: {e}); "
@@ -239,6 +246,8 @@ class Trainer:
             ) from None
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
+        if self.world.rank > 0:  # the saved states are rank 0's; the others draw dropout from their own seed
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.world.rank + self.step)
 
     def _total_steps(self) -> int:
         """The tightest of the budgets that are set (0 means unset); max_minutes may end the run sooner."""
@@ -256,7 +265,7 @@ class Trainer:
         return keys | {"global_batch_size": t.batch_size * self.world.size}
 
     def _trainer_state(self) -> dict[str, Any]:
-        groups, tensors = _optimizer_state(self.model, self.optimizer)
+        groups, tensors = _optimizer_state(self.model, self.optimizer, self.world)
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -273,7 +282,7 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Write a checkpoint of whole tensors: every rank gathers (under FSDP), rank 0 writes, all wait for it."""
-        weights, state = full_weights(self.model), self._trainer_state()
+        weights, state = full_weights(self.model, self.world), self._trainer_state()
         if self.world.is_main:
             save_checkpoint(self.out_dir / name, self.model, self.data.tokenizer, self.cfg.data, state, weights)
         self.world.barrier()
@@ -320,7 +329,7 @@ class Trainer:
         epoch, done = divmod(self.step, per_epoch)
         if done == 0 and self.step > 0:  # the last step of an epoch belongs to it
             epoch, done = epoch - 1, per_epoch
-        samples = self.cfg.train.batch_size * self.cfg.train.grad_accum
+        samples = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world.size
         return {"epoch": epoch + 1, "epoch_samples": done * samples, "epoch_total": per_epoch * samples}
 
     def train_step(self) -> dict[str, Any]:
@@ -330,6 +339,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the schedule scales each group's own peak lr
             group["lr"] = group["base_lr"] * lr / t.lr
         loss_sum = 0.0
+        time_up = t.max_minutes > 0 and self.elapsed() >= 60 * t.max_minutes
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step, micro)
             x, y = x.to(self.device), y.to(self.device)
@@ -338,7 +348,10 @@ class Trainer:
                     _, loss = self.forward(x, y)
                 (loss / t.grad_accum).backward()
             loss_sum += loss.item()
-        (loss_sum,) = self.world.sum([loss_sum / self.world.size])  # the mean over the step's whole batch
+        # the mean loss over the step's whole batch, and whether any rank must stop (Ctrl-C, its clock): every
+        # rank then leaves the loop after the same step, and no rank waits in a collective the others skip
+        loss_sum, interrupted, times_up = self.world.sum([loss_sum / self.world.size, self.stop_requested, time_up])
+        self.stop_requested, self.time_up = interrupted > 0, times_up > 0
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
@@ -351,7 +364,7 @@ class Trainer:
         t = self.cfg.train
         if t.target_loss > 0 and self.best_val_loss <= t.target_loss:
             return False
-        return self.step < self.total_steps and not (t.max_minutes > 0 and self.elapsed() >= 60 * t.max_minutes)
+        return self.step < self.total_steps and not self.time_up
 
     def _should_evaluate(self) -> bool:
         if self.cfg.train.sampler == "epoch":  # once per epoch
@@ -420,7 +433,7 @@ class Trainer:
         """The first Ctrl-C (SIGINT) lets the step in progress finish, so that the checkpoint saved then is a
         state the uninterrupted run also passed through; a second one interrupts at once (KeyboardInterrupt,
         no save: the last complete checkpoint stays)."""
-        self.stop_requested = False
+        self.stop_requested, self.time_up = False, False
         if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
             yield
             return
