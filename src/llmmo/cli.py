@@ -134,6 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = _config_from_args(args, ("model", "data", "train"))  # a bad option fails here, not N times
         code = launch_local(args.nproc, _train_args_without_nproc(args))
+        if code == 130:
+            print("interrupted (Ctrl-C); checkpoint saved, resume with --train.resume true", file=sys.stderr)
+            return 130
         if code != 0:
             latest = Path(cfg.train.out_dir) / "ckpt-latest"
             saved = (
@@ -151,7 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     reporter = ProgressReporter()
     try:
         result = Trainer(cfg, reporter).run()
-    except torch.distributed.DistError as e:
+    except (torch.distributed.DistError, RuntimeError) as e:
+        # gloo reports a vanished peer as a plain RuntimeError
+        if not isinstance(e, torch.distributed.DistError) and "by peer" not in str(e):
+            raise
         raise LlmmoError(
             f"lost contact with the other training processes ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "one of them failed or hung, see its messages"

@@ -109,9 +109,7 @@ def parallelize(model: nn.Module, parallel: str, world: World, device: torch.dev
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # buffers (RoPE tables) are equal on every rank and never change: no broadcast before each forward
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -215,7 +213,8 @@ def total_norm(norm: torch.Tensor) -> float:
 
 
 def launch_local(nproc: int, train_args: list[str]) -> int:
-    """Run `llmmo train TRAIN_ARGS` in `nproc` processes on this machine under torchrun; its exit code.
+    """Run `llmmo train TRAIN_ARGS` in `nproc` processes on this machine under torchrun; its exit code, 130
+    after Ctrl-C (the processes finish their step and save, as one process does).
 
     The same as `torchrun --standalone --nproc-per-node NPROC -m llmmo train ...`. torchrun stops every
     process when one fails, and prints which one and why.
@@ -227,8 +226,10 @@ def launch_local(nproc: int, train_args: list[str]) -> int:
         raise ConfigError("--nproc starts torchrun itself; under torchrun already, drop --nproc")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     job = subprocess.Popen([*command, "-m", "llmmo", "train", *train_args])
+    interrupted = False
     while True:
         try:
-            return job.wait()
+            code = job.wait()
+            return 130 if interrupted else code
         except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its processes: wait for them
-            continue
+            interrupted = True
