@@ -52,11 +52,13 @@ def save_checkpoint(
     data: DataConfig,
     trainer_state: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    compression: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write a checkpoint folder; `trainer_state` ({"json": {...}, "tensors": {...}}) makes it resumable.
 
     `weights` replaces model.state_dict() when the model holds only this process's shards (FSDP): the whole
-    tensors, gathered by the caller.
+    tensors, gathered by the caller. `compression` lists the records of the compression methods applied to the
+    model (llmmo.compress), which loading needs to rebuild its layout.
     """
     meta = {
         "format_version": FORMAT_VERSION,
@@ -66,12 +68,21 @@ def save_checkpoint(
     }
     if trainer_state is not None:
         meta |= {k: trainer_state["json"][k] for k in ("step", "tokens") if k in trainer_state["json"]}
+    metadata = {"format": "pt"}
+    if compression:
+        from llmmo.compress import flatten_state
+
+        meta["compression"] = compression
 
     with atomic_folder(Path(path)) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()}
+        weights = {k: v.detach().cpu() for k, v in (weights or model.state_dict()).items()}
         if model.cfg.tie_embeddings:
             weights.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
-        safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if compression:  # torchao's quantized tensors, as their integer and scale tensors plus metadata
+            weights, quantized = flatten_state(weights)
+            metadata |= quantized or {}
+        weights = {k: v.contiguous() for k, v in weights.items()}
+        safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp / "tokenizer.json")
         if trainer_state is not None:
@@ -136,12 +147,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
     tokenizer = Tokenizer.load(path / "tokenizer.json")
     model = Transformer(model_cfg)
     tensors = _load_tensors(path / "model.safetensors")
+    compression = meta.get("compression") or []
+    if compression:
+        from llmmo.compress import apply_layout, unflatten_state
+
+        apply_layout(model, compression)
+        with safetensors.safe_open(str(path / "model.safetensors"), "pt") as f:
+            tensors = unflatten_state(tensors, f.metadata())
     if model_cfg.tie_embeddings and "tok_emb.weight" in tensors:
         tensors["lm_head.weight"] = tensors["tok_emb.weight"]
     try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
+        # quantized tensors replace the float parameters they stand for (assign), as they are stored
+        model.load_state_dict(tensors, strict=True, assign=bool(compression))
+    except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"weights in '{path}' do not fit its config.json: {str(e).splitlines()[0]}") from None
+    if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
     model.to(device).eval()
     state = None
     if trainer_state:

@@ -38,10 +38,10 @@ def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ..
             )
 
 
-def _config_from_args(args: argparse.Namespace, sections: tuple[str, ...]) -> Config:
-    """--config and the dotted options; a resumed run starts from its own saved config.yaml."""
+def _config_from_args(args: argparse.Namespace, sections: tuple[str, ...], base: Config | None = None) -> Config:
+    """--config and the dotted options (over `base`); a resumed run starts from its own saved config.yaml."""
     overrides = {k: v for k, v in vars(args).items() if k.split(".")[0] in sections and "." in k}
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, start=base)
     saved = Path(cfg.train.out_dir) / "config.yaml"
     if "train" in sections and cfg.train.resume and saved.is_file():
         cfg = load_config(args.config, overrides, base=saved)
@@ -275,6 +275,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- compress
+
+
+def _refuse_existing(out: str) -> None:
+    if Path(out).exists():
+        raise ConfigError(f"'{out}' already exists; choose another output folder or remove it")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from llmmo.checkpoint import load_checkpoint
+    from llmmo.compress import recover, save_compressed
+
+    _refuse_existing(args.out)
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.action == "quantize":
+        from llmmo.compress.quantize import quantize
+
+        record = quantize(ckpt.model, args.scheme, group_size=args.group_size)
+    elif args.action == "prune":
+        from llmmo.compress.prune import bake, magnitude_prune
+
+        record = magnitude_prune(ckpt.model, args.sparsity, args.scope)
+    else:
+        from llmmo.compress.lowrank import lowrank
+
+        record = lowrank(ckpt.model, rank_ratio=args.rank_ratio, energy=args.energy)
+    if getattr(args, "recover_steps", 0) > 0:
+        record["recovery"] = {"steps": args.recover_steps, "lr": args.recover_lr}
+        record["recovery"]["val_loss"] = recover(ckpt, args.recover_steps, args.recover_lr)
+    if args.action == "prune":
+        record["zeros"] = bake(ckpt.model)
+    save_compressed(ckpt, args.out, record)
+    print(json.dumps({"out": args.out, "params": ckpt.model.num_params()} | record, indent=2))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from llmmo.checkpoint import load_checkpoint
+    from llmmo.compress.distill import DistillTrainer
+    from llmmo.config import config_from_dict
+
+    teacher = load_checkpoint(args.teacher)
+    # the student starts as the teacher's shape and data; --model.* options change the shape
+    student = dataclasses.replace(teacher.model.cfg, mlp_hidden=0, depth=None)
+    base = config_from_dict({"model": dataclasses.asdict(student), "data": dataclasses.asdict(teacher.data)})
+    cfg = _config_from_args(args, ("model", "train"), base=base)
+    reporter = ProgressReporter()
+    result = DistillTrainer(cfg, teacher.model, args.alpha, args.temperature, reporter).run()
+    if reporter.bar is not None:
+        reporter.bar.close()
+    print(f"distilled {result.step} steps: best val loss {result.best_val_loss:.4f} -> {result.out_dir}/ckpt-best")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ tokenizer, data
 
 
@@ -412,6 +468,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compress", parents=[common], help="make a checkpoint smaller: quantize, prune, ...")
+    csub = p.add_subparsers(dest="action", required=True, metavar="METHOD")
+    q = csub.add_parser(
+        "quantize", parents=[common], allow_abbrev=False, help="int8 / dynamic-int8 / int4 weights of the blocks"
+    )
+    q.add_argument("--scheme", choices=["int8", "dynamic-int8", "int4"], default="int8", help="(default: int8)")
+    q.add_argument("--group-size", type=at_least(2), default=64, help="int4: inputs per scale (default: 64)")
+    pr = csub.add_parser("prune", parents=[common], allow_abbrev=False, help="zero the smallest weights")
+    pr.add_argument("--sparsity", type=float, default=0.5, help="fraction of the blocks' weights (default: 0.5)")
+    pr.add_argument("--scope", choices=["global", "layer"], default="global", help="(default: global)")
+    lr = csub.add_parser("lowrank", parents=[common], allow_abbrev=False, help="factorize layers by truncated SVD")
+    lr.add_argument("--rank-ratio", type=float, help="keep this fraction of each layer's full rank")
+    lr.add_argument("--energy", type=float, help="or: keep the singular values holding this share of the energy")
+    for c in (q, pr, lr):
+        c.add_argument("checkpoint", help="the checkpoint to compress")
+        c.add_argument("out", help="the compressed checkpoint folder to write")
+        c.set_defaults(func=cmd_compress)
+    for c in (pr, lr):
+        c.add_argument("--recover-steps", type=at_least(0), default=0, help="fine-tune afterwards (default: 0)")
+        c.add_argument("--recover-lr", type=float, default=3e-4, help="(default: 3e-4)")
+    d = csub.add_parser(
+        "distill",
+        parents=[common],
+        allow_abbrev=False,
+        help="train a smaller student on a teacher's predictions",
+        description="Train a student (the teacher's shape changed by --model.* options, on the teacher's data) on "
+        "alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * cross-entropy.",
+    )
+    d.add_argument("teacher", help="the teacher checkpoint")
+    d.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's term (default: 0.5)")
+    d.add_argument("--temperature", type=float, default=2.0, help="softens both distributions (default: 2.0)")
+    _add_config_options(d, ("model", "train"))
+    d.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("tokenizer", parents=[common], help="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -225,11 +225,14 @@ def config_from_dict(tree: dict[str, Any], cfg: Config | None = None) -> Config:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: str | Path | None = None
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: str | Path | None = None,
+    start: Config | None = None,
 ) -> Config:
-    """Defaults, then the YAML file `base` (a run's saved config.yaml, when resuming), then the YAML recipe at
-    `path`, then dotted `overrides`; returned unresolved."""
-    cfg = Config()
+    """`start` (or the defaults), then the YAML file `base` (a run's saved config.yaml, when resuming), then the
+    YAML recipe at `path`, then dotted `overrides`; returned unresolved."""
+    cfg = copy.deepcopy(start) if start is not None else Config()
     for file in (base, path):
         if file is None:
             continue

@@ -125,9 +125,13 @@ def _restore_optimizer(
 
 
 class Trainer:
-    """One training run. `run()` trains until the budget is spent (or Ctrl-C) and returns a TrainResult."""
+    """One training run. `run()` trains until the budget is spent (or Ctrl-C) and returns a TrainResult.
 
-    def __init__(self, cfg: Config, reporter: Reporter | None = None):
+    `start` trains a given model (with its tokenizer) instead of fresh weights: recovery after compression, a
+    fine-tune. Subclasses change the objective through `compute_loss` (distillation).
+    """
+
+    def __init__(self, cfg: Config, reporter: Reporter | None = None, start: Checkpoint | None = None):
         self.cfg = resolve_config(cfg)
         self.reporter = reporter or Reporter()
         t = self.cfg.train
@@ -140,11 +144,16 @@ class Trainer:
             )
         self.autocast = autocast_for(self.device, t.dtype)
         resumed = self._load_resume_checkpoint()
+        if start is not None and resumed is not None:
+            raise ConfigError("a run either resumes (train.resume) or starts from a given model, not both")
+        source = resumed or start
         torch.manual_seed(t.seed)  # the same on every rank: the initial weights must agree
 
-        self.data: PreparedData = self._prepare_data(resumed)
+        self.data: PreparedData = self._prepare_data(source)
+        if start is not None:
+            self.cfg.model = start.model.cfg
         self.cfg.model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=self._vocab_size()))
-        self.model = resumed.model.train() if resumed else Transformer(self.cfg.model)
+        self.model = source.model.train() if source else Transformer(self.cfg.model)
         self.model.to(self.device)
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
@@ -174,10 +183,10 @@ class Trainer:
         if resumed:
             self._restore(resumed)
 
-    def _prepare_data(self, resumed: Checkpoint | None) -> PreparedData:
+    def _prepare_data(self, source: Checkpoint | None) -> PreparedData:
         """Tokenize (or read the cache): the first process of each machine first, then the others read the cache
         it wrote (the cache is per machine)."""
-        tokenizer = resumed.tokenizer if resumed else None
+        tokenizer = source.tokenizer if source else None
         first = self.world.local_rank == 0
         if not first:
             self.world.barrier()
@@ -345,7 +354,7 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with gradient_sync(self.forward, enabled=micro == t.grad_accum - 1):
                 with self.autocast:
-                    _, loss = self.forward(x, y)
+                    loss = self.compute_loss(x, y)
                 (loss / t.grad_accum).backward()
             loss_sum += loss.item()
         # the mean loss over the step's whole batch, and whether any rank must stop (Ctrl-C, its clock): every
@@ -359,6 +368,10 @@ class Trainer:
         self.step += 1
         self.tokens += self.tokens_per_step
         return {"train_loss": loss_sum / t.grad_accum, "lr": lr, "grad_norm": grad_norm}
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The objective of one micro-batch: next-token cross-entropy."""
+        return self.forward(x, y)[1]
 
     def _budget_left(self) -> bool:
         t = self.cfg.train

@@ -1,0 +1,83 @@
+"""Compression: turn a checkpoint into a smaller one that every command loads like any checkpoint.
+
+Each method is a function applied to an unmodified model (quantize, prune, lowrank) or a training run
+(distill) and returns a record; the records go, in order, into the checkpoint's config.json under
+"compression", so that `load_checkpoint` rebuilds the same module layout before it reads the stored tensors.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from llmmo.compress.lowrank import lowrank_layout
+from llmmo.compress.quantize import quantized_layout, torchao
+from llmmo.config import Config, TrainConfig
+
+if TYPE_CHECKING:
+    from llmmo.checkpoint import Checkpoint
+
+
+def apply_layout(model: nn.Module, records: list[dict[str, Any]]) -> None:
+    """Rebuild, on a freshly built model, the modules the compression `records` left (before loading weights)."""
+    for record in records:
+        if record["method"] == "quantize":
+            quantized_layout(model, record)
+        elif record["method"] == "lowrank":
+            lowrank_layout(model, record)
+
+
+def _is_subclass(t: torch.Tensor) -> bool:
+    return type(t) not in (torch.Tensor, nn.Parameter)
+
+
+def flatten_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """Plain tensors for safetensors, and the metadata that rebuilds torchao's quantized tensors (None if none)."""
+    if not any(_is_subclass(t) for t in state.values()):
+        return state, None
+    support = torchao().prototype.safetensors.safetensors_support
+    return support.flatten_tensor_state_dict(state)
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """What `flatten_state` took apart, put back together."""
+    if not metadata or "tensor_names" not in metadata:
+        return tensors
+    support = torchao().prototype.safetensors.safetensors_support
+    state, leftover = support.unflatten_tensor_state_dict(tensors, metadata)
+    return state | leftover
+
+
+def recover(ckpt: Checkpoint, steps: int, lr: float, batch_size: int = 12, device: str = "cpu") -> float:
+    """Fine-tune `ckpt.model` in place for `steps` on its own training data (a short recovery after pruning or
+    factorizing: masks stay on, so pruned weights stay zero); the val loss after it."""
+    from llmmo.train import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="llmmo-recover-") as tmp:
+        train = TrainConfig(
+            batch_size=batch_size,
+            lr=lr,
+            min_lr=lr / 10,
+            warmup_steps=max(1, steps // 10),
+            max_steps=steps,
+            eval_every=steps,
+            eval_batches=20,
+            log_every=max(1, steps // 10),
+            out_dir=f"{tmp}/run",
+            device=device,
+        )
+        cfg = Config(model=ckpt.model.cfg, data=ckpt.data, train=train)
+        return Trainer(cfg, start=ckpt).run().best_val_loss
+
+
+def save_compressed(ckpt: Checkpoint, out: str | Path, record: dict[str, Any]) -> None:
+    """Write `ckpt` (its model compressed by the method that returned `record`) as a checkpoint folder, its
+    compression records (those it already had, then this one) in config.json."""
+    from llmmo.checkpoint import save_checkpoint
+
+    records = [*ckpt.meta.get("compression", []), record]
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=records)

@@ -1,0 +1,173 @@
+"""Compression on a char-level tinyshakespeare model trained here: quantized files shrink and keep perplexity,
+pruning zeroes what it says and recovers, low-rank factors approximate better as the rank grows, a distilled
+student beats the same student trained alone, and every result loads like any checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmmo import cli
+from llmmo.checkpoint import load_checkpoint
+from llmmo.compress import recover, save_compressed
+from llmmo.compress.lowrank import factorize, lowrank
+from llmmo.compress.prune import bake, magnitude_prune
+from llmmo.compress.quantize import Int4Linear, block_linears, quantize
+from llmmo.config import load_config
+from llmmo.data import prepare_data
+from llmmo.errors import ConfigError
+from llmmo.evaluate import evaluate
+from llmmo.generate import GenerationConfig, generate
+from llmmo.train import Trainer
+
+VAL_BATCHES = 40  # 40 x 32 windows of 64: 82k of the 112k val tokens
+
+
+def options(out: Path, **overrides) -> dict:
+    return {
+        "data.source": "tinyshakespeare",
+        "data.block_size": 64,
+        "model.n_layer": 4,
+        "model.n_head": 4,
+        "model.n_embd": 128,  # nanoGPT's 0.8M CPU shape: the blocks hold 97% of the weights
+        "train.batch_size": 12,
+        "train.lr": 3e-3,
+        "train.min_lr": 3e-4,
+        "train.warmup_steps": 20,
+        "train.max_steps": 400,
+        "train.eval_every": 400,
+        "train.eval_batches": 10,
+        "train.log_every": 50,
+        "train.out_dir": str(out),
+        "train.device": "cpu",
+        "train.dtype": "fp32",
+    } | overrides
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("compress") / "run"
+    Trainer(load_config(overrides=options(out))).run()
+    return out / "ckpt-latest"
+
+
+def val_loss(ckpt_path: Path) -> float:
+    ckpt = load_checkpoint(ckpt_path)
+    split = prepare_data(ckpt.data, tokenizer=ckpt.tokenizer, splits=("val",)).splits["val"]
+    return evaluate(ckpt.model, split, ckpt.tokenizer.token_bytes(), batch_size=32, max_batches=VAL_BATCHES).loss
+
+
+def size(ckpt_path: Path) -> int:
+    return (ckpt_path / "model.safetensors").stat().st_size
+
+
+@pytest.fixture(scope="module")
+def fp32_loss(trained: Path) -> float:
+    return val_loss(trained)
+
+
+@pytest.mark.parametrize(
+    "scheme, group_size, max_size, max_ppl_rise",
+    [("int8", 0, 0.30, 0.01), ("int4", 64, 0.18, 0.05), ("int4", 32, 0.20, 0.05), ("dynamic-int8", 0, 0.30, 0.03)],
+)
+def test_quantized_files_shrink_and_keep_perplexity(
+    scheme, group_size, max_size, max_ppl_rise, trained, fp32_loss, tmp_path
+) -> None:
+    ckpt = load_checkpoint(trained)
+    record = quantize(ckpt.model, scheme, group_size=group_size or 64)
+    save_compressed(ckpt, tmp_path / "q", record)
+    assert size(tmp_path / "q") <= max_size * size(trained)
+    assert math.exp(val_loss(tmp_path / "q")) <= (1 + max_ppl_rise) * math.exp(fp32_loss)
+    loaded = load_checkpoint(tmp_path / "q")  # stored quantized: the integers come back as they were saved
+    for name, module in block_linears(ckpt.model).items() if scheme != "int4" else []:
+        assert torch.equal(loaded.model.get_submodule(name).weight.qdata, module.weight.qdata)
+    if scheme == "int4":
+        q = loaded.model.blocks[0].attn.qkv
+        assert isinstance(q, Int4Linear) and torch.equal(q.qweight, ckpt.model.blocks[0].attn.qkv.qweight)
+    text = generate(loaded.model, loaded.tokenizer, ["ROMEO:"], GenerationConfig(max_new_tokens=20, temperature=0))
+    assert len(text[0]) == 20
+
+
+def test_int4_needs_groups_that_divide_the_layers(trained) -> None:
+    with pytest.raises(ConfigError, match="int4 groups of 48 do not divide"):
+        quantize(load_checkpoint(trained).model, "int4", group_size=48)
+
+
+def test_half_the_weights_pruned_with_a_short_recovery_keep_perplexity(trained, fp32_loss, tmp_path) -> None:
+    ckpt = load_checkpoint(trained)
+    record = magnitude_prune(ckpt.model, 0.5)
+    before_recovery = math.exp(
+        evaluate(
+            ckpt.model,
+            prepare_data(ckpt.data, tokenizer=ckpt.tokenizer, splits=("val",)).splits["val"],
+            ckpt.tokenizer.token_bytes(),
+            batch_size=32,
+            max_batches=VAL_BATCHES,
+        ).loss
+    )
+    recover(ckpt, steps=100, lr=1e-3)
+    zeros = bake(ckpt.model)
+    save_compressed(ckpt, tmp_path / "p", record | {"zeros": zeros})
+    weights = sum(m.weight.numel() for m in block_linears(ckpt.model).values())
+    assert zeros >= 0.5 * weights - 1  # still pruned after the recovery
+    loaded = load_checkpoint(tmp_path / "p")
+    assert sum(int((m.weight == 0).sum()) for m in block_linears(loaded.model).values()) == zeros
+    after = math.exp(val_loss(tmp_path / "p"))
+    assert after <= 1.03 * math.exp(fp32_loss) and after < before_recovery
+
+
+def test_low_rank_error_falls_as_the_rank_rises_and_the_factors_load(trained, tmp_path) -> None:
+    ckpt = load_checkpoint(trained)
+    layer = ckpt.model.blocks[0].mlp.up  # 128 -> 512
+    x = torch.randn(100, 128)
+    errors = []
+    for rank in (8, 32, 64, 128):
+        low = factorize(layer, rank)
+        errors.append(float((low.up.weight @ low.down.weight - layer.weight).norm().detach()))
+        torch.testing.assert_close(low(x), low.up(low.down(x)))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * float(layer.weight.norm())
+    record = lowrank(ckpt.model, rank_ratio=0.5)
+    assert set(record["ranks"].values()) == {64}  # half of min(in, out) = 128
+    before = ckpt.model.num_params()
+    save_compressed(ckpt, tmp_path / "lr", record)
+    loaded = load_checkpoint(tmp_path / "lr")
+    assert loaded.model.num_params() == before < load_checkpoint(trained).model.num_params()
+    assert loaded.model.flops_per_token() < load_checkpoint(trained).model.flops_per_token()
+    text = generate(loaded.model, loaded.tokenizer, ["KING:"], GenerationConfig(max_new_tokens=10, temperature=0))
+    assert len(text[0]) == 10
+    with pytest.raises(ConfigError, match="exactly one of --rank-ratio"):
+        lowrank(ckpt.model)
+
+
+def test_a_distilled_half_depth_student_beats_the_same_student_trained_alone(trained, tmp_path) -> None:
+    from llmmo.compress.distill import DistillTrainer
+
+    teacher = load_checkpoint(trained).model
+    student = options(tmp_path / "x", **{"model.n_layer": 2, "train.max_steps": 150, "train.eval_every": 150})
+    distilled = DistillTrainer(
+        load_config(overrides=student | {"train.out_dir": str(tmp_path / "d")}), teacher, alpha=0.5, temperature=2.0
+    ).run()
+    alone = Trainer(load_config(overrides=student | {"train.out_dir": str(tmp_path / "s")})).run()
+    assert distilled.best_val_loss < alone.best_val_loss
+
+
+def test_compress_commands_write_checkpoints_that_eval_loads(trained, tmp_path) -> None:
+    assert cli.main(["compress", "quantize", str(trained), str(tmp_path / "q"), "--scheme", "int4"]) == 0
+    assert cli.main(["eval", str(tmp_path / "q"), "--max-batches", "2"]) == 0
+    assert cli.main(["compress", "quantize", str(trained), str(tmp_path / "q"), "--scheme", "int8"]) == 2  # exists
+
+
+def test_distillation_loss_is_cross_entropy_at_alpha_0_and_zero_kl_against_itself() -> None:
+    from llmmo.compress.distill import distillation_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    ce = torch.nn.functional.cross_entropy(s.flatten(0, 1), y.flatten())
+    torch.testing.assert_close(distillation_loss(s, t, y, alpha=0.0, temperature=3.0), ce)
+    torch.testing.assert_close(distillation_loss(s, s, y, alpha=1.0, temperature=3.0), torch.tensor(0.0))
+    p, log_q = (t / 2).softmax(-1), (s / 2).log_softmax(-1)
+    kl = (p * (p.log() - log_q)).sum(-1).mean()  # per token, averaged
+    torch.testing.assert_close(distillation_loss(s, t, y, alpha=1.0, temperature=2.0), 4 * kl)
