@@ -4,6 +4,7 @@ student beats the same student trained alone, and every result loads like any ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -171,3 +172,28 @@ def test_distillation_loss_is_cross_entropy_at_alpha_0_and_zero_kl_against_itsel
     p, log_q = (t / 2).softmax(-1), (s / 2).log_softmax(-1)
     kl = (p * (p.log() - log_q)).sum(-1).mean()  # per token, averaged
     torch.testing.assert_close(distillation_loss(s, t, y, alpha=1.0, temperature=2.0), 4 * kl)
+
+
+def test_structured_pruning_removes_a_quarter_of_parameters_and_flops(trained, fp32_loss, tmp_path) -> None:
+    from llmmo.compress.structured import prune_structured, removal_for, training_batches
+
+    ckpt = load_checkpoint(trained)
+    before_params, before_flops = ckpt.model.num_params(), ckpt.model.flops_per_token()
+    heads, neurons = removal_for(ckpt.model.cfg, 0.25)
+    assert heads == 1  # of 4
+    small, record = prune_structured(ckpt.model, heads, neurons, training_batches(ckpt, n=4))
+    assert small.cfg.n_head == 3 and small.cfg.head_dim == 32 and small.cfg.mlp_hidden == 512 - neurons
+    assert 0.70 * before_params < small.num_params() <= 0.75 * before_params  # at least a quarter, not much more
+    assert small.flops_per_token() <= 0.76 * before_flops  # the forward (a third of these) falls alike
+    # the kept heads compute what they did: a model pruned of nothing is the same model
+    same, _ = prune_structured(load_checkpoint(trained).model, 0, 0, training_batches(ckpt, n=1))
+    x = torch.randint(0, 65, (2, 64))
+    torch.testing.assert_close(same(x)[0], load_checkpoint(trained).model(x)[0])
+    pruned = dataclasses.replace(ckpt, model=small)
+    recover(pruned, steps=100, lr=1e-3)
+    save_compressed(pruned, tmp_path / "s", record)
+    loaded = load_checkpoint(tmp_path / "s")
+    assert loaded.model.num_params() == small.num_params()
+    assert math.exp(val_loss(tmp_path / "s")) < 1.5 * math.exp(fp32_loss)  # a quarter smaller, still a model
+    with pytest.raises(ConfigError, match="keep at least one"):
+        prune_structured(ckpt.model, 4, 0, [])

@@ -238,6 +238,7 @@ def save_random_hf_model(family: str, text: str, folder: Path) -> Path:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            head_dim=24,  # not hidden_size / heads (16): heads of their own width, as some models have
             max_position_embeddings=64,
             rope_parameters={"rope_type": "default", "rope_theta": 500.0},
             rms_norm_eps=1e-6,
@@ -364,7 +365,6 @@ def edit_config(tmp_path: Path):
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}}, (), "'dynamic'"),
         ("llama", {"rope_parameters": {"rope_theta": 500.0, "partial_rotary_factor": 0.5}}, (), "rope parameters"),
         ("llama", {"hidden_act": "gelu"}, (), "hidden_act 'gelu'"),
-        ("llama", {"head_dim": 32}, (), "head_dim 32"),
         ("llama", {"mlp_bias": True}, (), "attention_bias=False with mlp_bias=True"),
         ("llama", {"model_type": "mistral", "sliding_window": 32}, (), "model_type 'mistral'"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, (), "scale_attn_by_inverse_layer_idx=True"),

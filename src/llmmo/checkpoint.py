@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from llmmo import __version__
-from llmmo.config import DataConfig, ModelConfig, config_from_dict
+from llmmo.config import DataConfig, ModelConfig, config_from_dict, resolve_model
 from llmmo.errors import CheckpointError
 from llmmo.fileio import atomic_folder, previous_folder
 from llmmo.model import Transformer
@@ -138,7 +138,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
     path = Path(path)
     meta = read_config(path)
     try:
-        model_cfg = ModelConfig(**meta["model"])
+        model_cfg = resolve_model(ModelConfig(**meta["model"]))  # fills fields newer than the checkpoint
         data_cfg = config_from_dict({"data": meta.get("data", {})}).data
     except (TypeError, KeyError) as e:
         raise CheckpointError(

@@ -297,6 +297,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from llmmo.compress.prune import bake, magnitude_prune
 
         record = magnitude_prune(ckpt.model, args.sparsity, args.scope)
+    elif args.action == "prune-structured":
+        import dataclasses
+
+        from llmmo.compress.structured import prune_structured, removal_for, training_batches
+
+        heads, neurons = (args.heads, args.neurons) if args.params is None else removal_for(ckpt.model.cfg, args.params)
+        small, record = prune_structured(ckpt.model, heads, neurons, training_batches(ckpt))
+        ckpt = dataclasses.replace(ckpt, model=small)
     else:
         from llmmo.compress.lowrank import lowrank
 
@@ -479,14 +487,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr = csub.add_parser("prune", parents=[common], allow_abbrev=False, help="zero the smallest weights")
     pr.add_argument("--sparsity", type=float, default=0.5, help="fraction of the blocks' weights (default: 0.5)")
     pr.add_argument("--scope", choices=["global", "layer"], default="global", help="(default: global)")
+    ps = csub.add_parser(
+        "prune-structured",
+        parents=[common],
+        allow_abbrev=False,
+        help="remove whole attention heads and MLP neurons (a smaller, faster model)",
+    )
+    ps.add_argument("--params", type=float, help="remove at least this fraction of the parameters (e.g. 0.25)")
+    ps.add_argument("--heads", type=at_least(0), default=0, help="or: heads to remove per layer (default: 0)")
+    ps.add_argument("--neurons", type=at_least(0), default=0, help="and MLP neurons per layer (default: 0)")
     lr = csub.add_parser("lowrank", parents=[common], allow_abbrev=False, help="factorize layers by truncated SVD")
     lr.add_argument("--rank-ratio", type=float, help="keep this fraction of each layer's full rank")
     lr.add_argument("--energy", type=float, help="or: keep the singular values holding this share of the energy")
-    for c in (q, pr, lr):
+    for c in (q, pr, ps, lr):
         c.add_argument("checkpoint", help="the checkpoint to compress")
         c.add_argument("out", help="the compressed checkpoint folder to write")
         c.set_defaults(func=cmd_compress)
-    for c in (pr, lr):
+    for c in (pr, ps, lr):
         c.add_argument("--recover-steps", type=at_least(0), default=0, help="fine-tune afterwards (default: 0)")
         c.add_argument("--recover-lr", type=float, default=3e-4, help="(default: 3e-4)")
     d = csub.add_parser(

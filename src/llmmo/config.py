@@ -53,6 +53,7 @@ class ModelConfig:
     n_head: int = 4  # attention (query) heads
     n_kv_head: int | None = None  # key/value heads (None: n_head); fewer is grouped-query attention
     n_embd: int = 128  # the residual stream's width
+    head_dim: int = 0  # each attention head's width; 0: n_embd / n_head (pruning heads keeps it)
     depth: int = 0  # the one dial: > 0 sets n_layer = depth, n_embd = 64 * depth, n_head = ceil(n_embd / 64)
     vocab_size: int = 0  # 0: the tokenizer's size; larger pads the embedding (e.g. to a multiple of 64)
     block_size: int = 0  # 0: data.block_size
@@ -65,10 +66,6 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # share the token embedding with the output head
     norm_eps: float | None = None  # the norms' epsilon
     rope_theta: float = 10000.0  # RoPE's base wavelength
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
 
 @dataclass
@@ -279,15 +276,19 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
-    if m.n_embd % m.n_head:
-        raise ConfigError(
-            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
-            f"try n_head {max(h for h in range(1, m.n_head + 1) if m.n_embd % h == 0)}"
-        )
+    if m.depth > 0 or m.head_dim == 0:
+        if m.n_embd % m.n_head:
+            raise ConfigError(
+                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+                f"try n_head {max(h for h in range(1, m.n_head + 1) if m.n_embd % h == 0)}"
+            )
+        m.head_dim = m.n_embd // m.n_head
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim must be positive (0: n_embd / n_head), got {m.head_dim}")
     if m.n_head % m.n_kv_head:
         raise ConfigError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head})")
     if m.positions == "rope" and m.head_dim % 2:
-        raise ConfigError(f"rotary positions need an even head size, got n_embd/n_head = {m.head_dim}")
+        raise ConfigError(f"rotary positions need an even head size, got model.head_dim = {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     return m

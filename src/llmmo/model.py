@@ -6,7 +6,8 @@ Two families share this code (see `config.FAMILY_DEFAULTS`):
   no biases, grouped-query attention (Ainslie et al. 2023).
 Blocks are pre-norm residual: x = x + attn(norm(x)); x = x + mlp(norm(x)).
 
-Shapes: B batch, T time (tokens), C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim = C / H, V = vocab.
+Shapes: B batch, T time (tokens), C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim (C / H unless heads
+were pruned), V = vocab.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -162,7 +163,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
 
 
@@ -270,8 +271,14 @@ class Transformer(nn.Module):
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
-        12 * n_layer * n_embd * block_size (PaLM, Chowdhery et al. 2022, appendix B). The output head counts
-        as a matmul even when tied; embedding lookups cost nothing."""
-        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        12 * n_layer * (n_head * head_dim) * block_size (PaLM, Chowdhery et al. 2022, appendix B; n_head *
+        head_dim is n_embd unless heads were pruned). The output head counts as a matmul even when tied;
+        embedding lookups cost nothing. Layers of any module with in_features and out_features (quantized ones
+        too) count as matmuls."""
+        matmul_weights = sum(
+            m.in_features * m.out_features
+            for m in self.modules()
+            if hasattr(m, "in_features") and hasattr(m, "out_features")
+        )
         c = self.cfg
-        return 6 * matmul_weights + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size

@@ -46,6 +46,11 @@ def check_exportable(cfg: ModelConfig) -> None:
     # (option, the value the class computes)
     if family == "gpt2":
         fixed = [("positions", "learned"), ("norm", "layernorm"), ("mlp", "gelu")]
+        if cfg.n_head * cfg.head_dim != cfg.n_embd:
+            raise InteropError(
+                f"GPT2LMHeadModel's heads split n_embd ({cfg.n_embd}) evenly, these are {cfg.n_head} x "
+                f"{cfg.head_dim} (pruned heads); use --model.family llama to export it as LlamaForCausalLM"
+            )
         if cfg.n_kv_head != cfg.n_head:
             raise InteropError(
                 f"GPT2LMHeadModel has no grouped-query attention (model.n_kv_head {cfg.n_kv_head} < n_head "

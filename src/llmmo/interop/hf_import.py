@@ -103,12 +103,6 @@ def _gpt2_model_config(c: Any, folder: Path) -> ModelConfig:
 def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
     if c.hidden_act != "silu":
         raise _refuse(folder, f"hidden_act {c.hidden_act!r}", "llmmo's llama MLP is SwiGLU (silu)")
-    if c.head_dim != c.hidden_size // c.num_attention_heads or c.hidden_size % c.num_attention_heads:
-        raise _refuse(
-            folder,
-            f"head_dim {c.head_dim} with hidden_size {c.hidden_size} and {c.num_attention_heads} heads",
-            "llmmo's heads are hidden_size / num_attention_heads wide",
-        )
     if c.attention_bias != c.mlp_bias:
         raise _refuse(
             folder,
@@ -131,6 +125,7 @@ def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
         n_head=c.num_attention_heads,
         n_kv_head=c.num_key_value_heads,
         n_embd=c.hidden_size,
+        head_dim=c.head_dim or c.hidden_size // c.num_attention_heads,
         vocab_size=c.vocab_size,
         block_size=c.max_position_embeddings,
         dropout=float(c.attention_dropout or 0.0),  # training only
