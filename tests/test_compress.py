@@ -5,6 +5,7 @@ student beats the same student trained alone, and every result loads like any ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -155,10 +156,24 @@ def test_a_distilled_half_depth_student_beats_the_same_student_trained_alone(tra
     assert distilled.best_val_loss < alone.best_val_loss
 
 
-def test_compress_commands_write_checkpoints_that_eval_loads(trained, tmp_path) -> None:
-    assert cli.main(["compress", "quantize", str(trained), str(tmp_path / "q"), "--scheme", "int4"]) == 0
-    assert cli.main(["eval", str(tmp_path / "q"), "--max-batches", "2"]) == 0
-    assert cli.main(["compress", "quantize", str(trained), str(tmp_path / "q"), "--scheme", "int8"]) == 2  # exists
+def test_compress_commands_and_the_report(trained, tmp_path, capsys) -> None:
+    q, p = str(tmp_path / "q"), str(tmp_path / "p")
+    assert cli.main(["compress", "quantize", str(trained), q, "--scheme", "int4"]) == 0
+    assert cli.main(["compress", "prune", str(trained), p, "--sparsity", "0.6", "--scope", "layer"]) == 0
+    assert cli.main(["eval", q, "--max-batches", "2"]) == 0
+    assert cli.main(["generate", p, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
+    assert cli.main(["compress", "quantize", str(trained), q, "--scheme", "int8"]) == 2  # OUT exists
+    assert "already exists" in capsys.readouterr().err
+    out = tmp_path / "report"
+    args = ["compress", "report", str(trained), q, p, "--max-batches", "3", "--new-tokens", "8", "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["compression"] for r in rows] == ["none", "quantize:int4", "prune:magnitude"]
+    assert rows[1]["bytes"] < 0.2 * rows[0]["bytes"] and rows[1]["params"] == rows[0]["params"]
+    blocks = sum(m.weight.numel() for m in block_linears(load_checkpoint(trained).model).values())
+    assert rows[2]["params"] - rows[2]["nonzero_params"] >= 0.6 * blocks - 4  # the zeros, counted
+    assert all(r["tok_s_batch8"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").is_file()
 
 
 def test_distillation_loss_is_cross_entropy_at_alpha_0_and_zero_kl_against_itself() -> None:

@@ -319,6 +319,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress_report(args: argparse.Namespace) -> int:
+    from llmmo.compress.report import ReportConfig, report, table
+
+    cfg = ReportConfig(split=args.split, max_batches=args.max_batches, new_tokens=args.new_tokens)
+    rows = report(args.checkpoints, args.out, cfg)
+    print(table(rows))
+    print(f"\n-> {args.out}/report.json, report.md, frontier.png")
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -519,6 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=2.0, help="softens both distributions (default: 2.0)")
     _add_config_options(d, ("model", "train"))
     d.set_defaults(func=cmd_distill)
+    r = csub.add_parser(
+        "report",
+        parents=[common],
+        allow_abbrev=False,
+        help="bytes, parameters, quality, speed and memory of checkpoints, and the frontier plot",
+    )
+    r.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints to compare (the original too)")
+    r.add_argument("--split", default="val", help="evaluation split of their data (default: val)")
+    r.add_argument("--max-batches", type=at_least(0), default=50, help="0: the whole split (default: 50)")
+    r.add_argument("--new-tokens", type=at_least(1), default=64, help="generated per row, for tok/s (default: 64)")
+    r.add_argument("--out", default="compress-report", help="folder for the files (default: compress-report)")
+    r.set_defaults(func=cmd_compress_report)
 
     p = sub.add_parser("tokenizer", parents=[common], help="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
