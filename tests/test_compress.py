@@ -164,6 +164,12 @@ def test_compress_commands_and_the_report(trained, tmp_path, capsys) -> None:
     assert cli.main(["generate", p, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
     assert cli.main(["compress", "quantize", str(trained), q, "--scheme", "int8"]) == 2  # OUT exists
     assert "already exists" in capsys.readouterr().err
+    assert cli.main(["export", q, str(tmp_path / "hf")]) == 2  # no transformers class holds int4 layers
+    assert "changed by llmmo compress (quantize)" in capsys.readouterr().err
+    assert cli.main(["info", q]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compression"][0]["scheme"] == "int4"
+    assert info["params"] == load_checkpoint(trained).model.num_params()  # the int4 weights are counted
     out = tmp_path / "report"
     args = ["compress", "report", str(trained), q, p, "--max-batches", "3", "--new-tokens", "8", "--out", str(out)]
     assert cli.main(args) == 0

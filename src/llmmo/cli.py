@@ -208,6 +208,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(model: Any) -> int:
+    """Parameters as the model computes with them (a quantized layer's in x out weights too)."""
+    from llmmo.compress.report import count_params
+
+    return count_params(model)[0]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
 
@@ -218,8 +225,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "llmmo_version": ckpt.meta.get("llmmo_version"),
         "format_version": ckpt.meta.get("format_version"),
         "model": ckpt.meta["model"],
-        "params": model.num_params(),
-        "params_non_embedding": model.num_params(non_embedding=True),
+        "params": _params(model),
+        "params_non_embedding": _params(model) - (model.num_params() - model.num_params(non_embedding=True)),
+        "compression": ckpt.meta.get("compression", []),
         "train_flops_per_token": model.flops_per_token(),
         "tokenizer": {"kind": ckpt.tokenizer.kind, "vocab_size": ckpt.tokenizer.vocab_size},
         "data": {"source": ckpt.data.path or ckpt.data.source, "block_size": ckpt.data.block_size},
@@ -315,7 +323,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.action == "prune":
         record["zeros"] = bake(ckpt.model)
     save_compressed(ckpt, args.out, record)
-    print(json.dumps({"out": args.out, "params": ckpt.model.num_params()} | record, indent=2))
+    print(json.dumps({"out": args.out, "params": _params(ckpt.model)} | record, indent=2))
     return 0
 
 

@@ -193,6 +193,13 @@ def export_hf(
     limit = parse_size(max_shard_size)
     check_out_folder(out, overwrite)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    changed = [r["method"] for r in ckpt.meta.get("compression", []) if r["method"] in ("quantize", "lowrank")]
+    if changed:
+        raise InteropError(
+            f"this checkpoint's layers were changed by llmmo compress ({', '.join(changed)}), which "
+            "GPT2LMHeadModel and LlamaForCausalLM cannot load; export the checkpoint before that step (pruned "
+            "checkpoints export)"
+        )
     check_exportable(ckpt.model.cfg)
     if ckpt.tokenizer.vocab_size > ckpt.model.cfg.vocab_size:
         raise InteropError(
