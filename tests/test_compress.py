@@ -164,8 +164,15 @@ def test_compress_commands_and_the_report(trained, tmp_path, capsys) -> None:
     assert cli.main(["generate", p, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
     assert cli.main(["compress", "quantize", str(trained), q, "--scheme", "int8"]) == 2  # OUT exists
     assert "already exists" in capsys.readouterr().err
-    assert cli.main(["export", q, str(tmp_path / "hf")]) == 2  # no transformers class holds int4 layers
-    assert "changed by llmmo compress (quantize)" in capsys.readouterr().err
+    # transformers has no int4 layers: export writes the weights they stand for, and computes our logits
+    assert cli.main(["export", q, str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    from transformers import AutoModelForCausalLM
+
+    x = torch.randint(0, 65, (1, 32))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(x).logits
+        torch.testing.assert_close(theirs, load_checkpoint(q).model(x)[0], atol=1e-4, rtol=1e-4)
     assert cli.main(["info", q]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["compression"][0]["scheme"] == "int4"

@@ -15,6 +15,7 @@ load them with transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -193,13 +194,11 @@ def export_hf(
     limit = parse_size(max_shard_size)
     check_out_folder(out, overwrite)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    changed = [r["method"] for r in ckpt.meta.get("compression", []) if r["method"] in ("quantize", "lowrank")]
-    if changed:
-        raise InteropError(
-            f"this checkpoint's layers were changed by llmmo compress ({', '.join(changed)}), which "
-            "GPT2LMHeadModel and LlamaForCausalLM cannot load; export the checkpoint before that step (pruned "
-            "checkpoints export)"
-        )
+    if any(r["method"] in ("quantize", "lowrank") for r in ckpt.meta.get("compression", [])):
+        from llmmo.compress import densify
+
+        # transformers' classes have no int4 or factorized layers: the weights they stand for, in float
+        ckpt = dataclasses.replace(ckpt, model=densify(ckpt.model))
     check_exportable(ckpt.model.cfg)
     if ckpt.tokenizer.vocab_size > ckpt.model.cfg.vocab_size:
         raise InteropError(
