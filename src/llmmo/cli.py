@@ -357,6 +357,55 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- scale
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers like 1e12,3e12, got {text!r}") from None
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from llmmo.scaling.analysis import analyse, plan, plot
+    from llmmo.scaling.sweep import SweepConfig, plan_runs, read_ledger, sweep
+
+    if args.action == "sweep":
+        from tqdm import tqdm
+
+        cfg = _config_from_args(args, ("model", "data", "train"))
+        depths = [] if args.sizes == "auto" else [int(x) for x in args.sizes.split(",")]
+        config = SweepConfig(_floats(args.budgets), depths=depths, points=args.points, min_steps=args.min_steps)
+        runs = plan_runs(cfg, config)
+        bar = tqdm(total=sum(r["budget"] for r in runs), unit="FLOP", unit_scale=True, dynamic_ncols=True)
+        bar.set_postfix_str(f"0/{len(runs)} runs")
+
+        def progress(row: dict, done: int, total: int) -> None:
+            bar.update(row["flops"])
+            bar.set_postfix_str(f"{done}/{total} runs, last {row['run']} val {row['val_loss']:.4f}")
+
+        rows = sweep(cfg, config, args.out, progress)
+        bar.close()
+        print(f"{len(rows)} runs -> {args.out}/ledger.jsonl, ledger.csv")
+        return 0
+    rows = read_ledger(args.ledger)
+    folder = Path(args.ledger) if Path(args.ledger).is_dir() else Path(args.ledger).parent
+    fit_budgets = _floats(args.fit_budgets) if getattr(args, "fit_budgets", None) else None
+    analysis = analyse(rows, fit_budgets, bootstrap=args.bootstrap)
+    if args.action == "fit":
+        from llmmo.fileio import write_text_atomic
+
+        write_text_atomic(folder / "fit.json", json.dumps(analysis, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in analysis.items() if k != "law_samples"}, indent=2))
+    elif args.action == "plot":
+        for file in plot(rows, analysis, args.out or folder / "plots"):
+            print(file)
+    else:
+        print(json.dumps(plan(analysis, rows, flops=args.flops, target_loss=args.target_loss), indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ tokenizer, data
 
 
@@ -549,6 +598,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--new-tokens", type=at_least(1), default=64, help="generated per row, for tok/s (default: 64)")
     r.add_argument("--out", default="compress-report", help="folder for the files (default: compress-report)")
     r.set_defaults(func=cmd_compress_report)
+
+    p = sub.add_parser("scale", parents=[common], help="scaling laws of your own models: sweep, fit, plot, plan")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = ssub.add_parser(
+        "sweep",
+        parents=[common],
+        allow_abbrev=False,
+        help="train a grid of sizes x FLOP budgets into a ledger",
+        description="Train one run per (budget, size): sizes by the depth dial (model.depth; model.aspect sets "
+        "the width per layer), tokens = budget / FLOPs per token, lr scaled with width. Resumes: runs already in "
+        "the ledger are skipped.",
+    )
+    s.add_argument("--budgets", required=True, help="training FLOPs per run, comma-separated (e.g. 1e12,3e12,1e13)")
+    s.add_argument("--sizes", default="auto", help="auto, or depths like 1,2,3 (default: auto)")
+    s.add_argument("--points", type=at_least(2), default=3, help="auto: sizes per budget (default: 3)")
+    s.add_argument("--min-steps", type=at_least(1), default=20, help="leave out shorter runs (default: 20)")
+    s.add_argument("--out", default="runs/sweep", help="the sweep folder (default: runs/sweep)")
+    _add_config_options(s, ("model", "data", "train"))
+    f = ssub.add_parser("fit", parents=[common], allow_abbrev=False, help="fit L(N, D) and IsoFLOP laws")
+    pl = ssub.add_parser("plot", parents=[common], allow_abbrev=False, help="PNG and HTML figures of a ledger")
+    pl.add_argument("--out", help="(default: LEDGER's folder/plots)")
+    pn = ssub.add_parser("plan", parents=[common], allow_abbrev=False, help="best N and D for a budget or a loss")
+    pn.add_argument("--flops", type=float, help="a training compute budget")
+    pn.add_argument("--target-loss", type=float, help="or: the loss to reach with the least compute")
+    for c in (f, pl, pn):
+        c.add_argument("ledger", help="a sweep folder or its ledger.jsonl")
+        c.add_argument("--fit-budgets", help="fit on these budgets only; the other runs are predicted (e.g. 1e12,3e12)")
+        c.add_argument("--bootstrap", type=at_least(0), default=100, help="resamples for intervals (default: 100)")
+        c.set_defaults(func=cmd_scale)
+    s.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("tokenizer", parents=[common], help="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

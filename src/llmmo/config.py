@@ -54,7 +54,8 @@ class ModelConfig:
     n_kv_head: int | None = None  # key/value heads (None: n_head); fewer is grouped-query attention
     n_embd: int = 128  # the residual stream's width
     head_dim: int = 0  # each attention head's width; 0: n_embd / n_head (pruning heads keeps it)
-    depth: int = 0  # the one dial: > 0 sets n_layer = depth, n_embd = 64 * depth, n_head = ceil(n_embd / 64)
+    depth: int = 0  # the one dial: > 0 sets n_layer = depth, n_embd = aspect * depth, heads min(64, aspect) wide
+    aspect: int = 64  # with depth: the width per layer (nanochat's 64; smaller makes finer steps for small models)
     vocab_size: int = 0  # 0: the tokenizer's size; larger pads the embedding (e.g. to a multiple of 64)
     block_size: int = 0  # 0: data.block_size
     dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
@@ -261,8 +262,10 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     if m.family not in FAMILY_DEFAULTS:
         raise ConfigError(f"model.family '{m.family}' is not one of {list(FAMILY_DEFAULTS)}")
     if m.depth > 0:  # nanochat's dial: width grows with depth, heads of 64 (n_kv_head kept if it is set)
-        m.n_layer, m.n_embd = m.depth, 64 * m.depth
-        m.n_head = math.ceil(m.n_embd / 64)
+        if m.aspect <= 0:
+            raise ConfigError(f"model.aspect (width per layer of the depth dial) must be positive, got {m.aspect}")
+        m.n_layer, m.n_embd = m.depth, m.aspect * m.depth
+        m.n_head = math.ceil(m.n_embd / min(64, m.aspect))
     for name, value in FAMILY_DEFAULTS[m.family].items():
         if getattr(m, name) is None:
             setattr(m, name, value)

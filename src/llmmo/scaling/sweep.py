@@ -1,0 +1,178 @@
+"""A compute-budget sweep: for each FLOP budget C and each model size of the depth dial, one training run of
+D = C / (training FLOPs per token) tokens, and its final validation loss, in a ledger.
+
+Sizes: `model.depth` k gives n_layer = k, n_embd = aspect * k (the base config's `model.aspect`). `auto` picks,
+per budget, the `points` depths whose parameter count is nearest to the budget's Chinchilla point (20 tokens
+per parameter), so that each IsoFLOP curve brackets its minimum. Learning rates scale with width as muP
+prescribes for Adam's hidden matrices (Yang et al. 2022): lr = base lr * base width / width.
+
+The ledger (ledger.jsonl, one run per line, and ledger.csv) is written as runs finish; a sweep started again
+skips the runs already in it, and starts a run that was cut short afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmmo.config import Config, resolve_config, resolve_model
+from llmmo.errors import ConfigError
+from llmmo.fileio import write_text_atomic
+from llmmo.model import Transformer
+
+TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: where the sizes of a budget are centred
+
+
+@dataclass
+class SweepConfig:
+    budgets: list[float]  # training FLOPs per run (the model's own count, attention included)
+    depths: list[int] = field(default_factory=list)  # sizes by the depth dial; empty: auto
+    points: int = 3  # auto: sizes per budget
+    max_depth: int = 16  # auto: the largest depth considered
+    min_steps: int = 20  # a run shorter than this many optimizer steps is left out (too short to mean much)
+
+
+def _model_at(base: Config, depth: int) -> Any:
+    return resolve_model(dataclasses.replace(base.model, depth=depth, n_kv_head=None, mlp_hidden=0, head_dim=0))
+
+
+def shape_of(base: Config, depth: int) -> dict[str, int]:
+    """Parameters (all, non-embedding) and training FLOPs per token of the dial at `depth` (on the meta device)."""
+    with torch.device("meta"):
+        model = Transformer(_model_at(base, depth))
+    return {
+        "params": model.num_params(),
+        "params_nonembedding": model.num_params(non_embedding=True),
+        "flops_per_token": model.flops_per_token(),
+        "n_layer": model.cfg.n_layer,
+        "n_embd": model.cfg.n_embd,
+    }
+
+
+def plan_runs(base: Config, sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The grid: one entry per (budget, depth) with its tokens, steps and learning rate."""
+    from llmmo.data import prepare_data
+
+    base = resolve_config(base)
+    if not base.model.vocab_size:  # the tokenizer's, as training will find it
+        base.model.vocab_size = prepare_data(base.data, splits=(base.data.val_split,)).tokenizer.vocab_size
+    tokens_per_step = base.train.batch_size * base.train.grad_accum * base.data.block_size
+    shapes = {k: shape_of(base, k) for k in (sweep.depths or range(1, sweep.max_depth + 1))}
+    runs = []
+    for budget in sweep.budgets:
+        depths = sweep.depths
+        if not depths:  # the sizes nearest (in log N) to N = sqrt(C / (6 * 20))
+            center = math.sqrt(budget / (6 * TOKENS_PER_PARAM))
+            by_distance = sorted(shapes, key=lambda k: abs(math.log(shapes[k]["params_nonembedding"] / center)))
+            depths = sorted(by_distance[: sweep.points])
+        for depth in depths:
+            shape = shapes[depth]
+            steps = int(budget / shape["flops_per_token"] / tokens_per_step)
+            if steps < sweep.min_steps:
+                continue
+            runs.append(
+                {
+                    "run": f"c{budget:.0e}-d{depth}".replace("+", ""),
+                    "budget": budget,
+                    "depth": depth,
+                    "steps": steps,
+                    "lr": base.train.lr * base.model.n_embd / shape["n_embd"],
+                }
+                | shape
+            )
+    if not runs:
+        raise ConfigError(
+            f"no run of the sweep reaches {sweep.min_steps} steps: raise --budgets or lower train.batch_size"
+        )
+    return runs
+
+
+def read_ledger(path: str | Path) -> list[dict[str, Any]]:
+    """The runs recorded in a ledger.jsonl (or its sweep folder); a line cut short by a crash is skipped."""
+    path = Path(path)
+    path = path / "ledger.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no ledger at '{path}'; run `llmmo scale sweep` first, or pass its folder")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def sweep(
+    base: Config, config: SweepConfig, out: str | Path, progress: Callable[[dict, int, int], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run the grid into `out` (runs/NAME/ per run, ledger.jsonl and ledger.csv); returns the ledger's rows.
+
+    `progress(row, done, total)` is called after each run (the CLI's bar)."""
+    from llmmo.data import prepare_data
+    from llmmo.train import Trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = out / "ledger.jsonl"
+    done = {r["run"]: r for r in read_ledger(ledger)} if ledger.is_file() else {}
+    runs = plan_runs(base, config)
+    train_tokens = len(prepare_data(resolve_config(base).data).splits[base.data.train_split])
+    for i, run in enumerate(runs):
+        if run["run"] in done:
+            continue
+        folder = out / "runs" / run["run"]
+        shutil.rmtree(folder, ignore_errors=True)  # a run cut short starts over
+        cfg = dataclasses.replace(
+            base,
+            model=_model_at(base, run["depth"]),
+            train=dataclasses.replace(
+                base.train,
+                lr=run["lr"],
+                min_lr=run["lr"] / 10,
+                warmup_steps=max(1, min(base.train.warmup_steps, run["steps"] // 10)),
+                max_steps=run["steps"],
+                max_tokens=0,
+                epochs=0,
+                max_minutes=0.0,
+                target_loss=0.0,
+                eval_every=run["steps"],
+                log_every=max(1, run["steps"] // 10),
+                out_dir=str(folder),
+                resume=False,
+            ),
+        )
+        trainer = Trainer(cfg)
+        result = trainer.run()
+        row = run | {
+            "tokens": result.tokens,
+            "flops": result.flops,
+            "val_loss": result.last_eval["val_loss"],
+            "time_s": trainer.elapsed(),
+            "tok_per_s": result.tokens / max(trainer.elapsed(), 1e-9),
+            "repeats_data": result.tokens > train_tokens,
+        }
+        with ledger.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[row["run"]] = row
+        _write_csv(list(done.values()), out / "ledger.csv")
+        if progress is not None:
+            progress(row, i + 1, len(runs))
+    return [done[r["run"]] for r in runs if r["run"] in done]
