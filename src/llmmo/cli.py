@@ -296,7 +296,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from llmmo.compress import recover, save_compressed
 
     _refuse_existing(args.out)
+    if getattr(args, "recover_lr", 1.0) <= 0:
+        raise ConfigError(f"--recover-lr must be positive, got {args.recover_lr}")
     ckpt = load_checkpoint(args.checkpoint)
+    if any(r["method"] == "quantize" for r in ckpt.meta.get("compression", [])):
+        raise ConfigError(
+            f"'{args.checkpoint}' is quantized already; quantize last: prune, factorize or distill the float "
+            "checkpoint, then quantize the result"
+        )
     if args.action == "quantize":
         from llmmo.compress.quantize import quantize
 
@@ -310,6 +317,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         from llmmo.compress.structured import prune_structured, removal_for, training_batches
 
+        if (args.params is None) == (args.heads + args.neurons == 0):
+            raise ConfigError("prune-structured needs --params F, or --heads N and/or --neurons N (not both ways)")
         heads, neurons = (args.heads, args.neurons) if args.params is None else removal_for(ckpt.model.cfg, args.params)
         small, record = prune_structured(ckpt.model, heads, neurons, training_batches(ckpt))
         ckpt = dataclasses.replace(ckpt, model=small)
@@ -345,12 +354,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from llmmo.config import config_from_dict
 
     teacher = load_checkpoint(args.teacher)
-    # the student starts as the teacher's shape and data; --model.* options change the shape
-    student = dataclasses.replace(teacher.model.cfg, mlp_hidden=0, depth=None)
+    # the student starts as the teacher's shape and data; --model.* options change the shape, and what follows
+    # from the shape (MLP width, head width, key/value heads unless grouped) is derived again
+    t = teacher.model.cfg
+    n_kv_head = None if t.n_kv_head == t.n_head else t.n_kv_head
+    student = dataclasses.replace(t, mlp_hidden=0, head_dim=0, depth=0, n_kv_head=n_kv_head)
     base = config_from_dict({"model": dataclasses.asdict(student), "data": dataclasses.asdict(teacher.data)})
     cfg = _config_from_args(args, ("model", "train"), base=base)
     reporter = ProgressReporter()
-    result = DistillTrainer(cfg, teacher.model, args.alpha, args.temperature, reporter).run()
+    result = DistillTrainer(cfg, teacher, args.alpha, args.temperature, reporter).run()
     if reporter.bar is not None:
         reporter.bar.close()
     print(f"distilled {result.step} steps: best val loss {result.best_val_loss:.4f} -> {result.out_dir}/ckpt-best")

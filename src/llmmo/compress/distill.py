@@ -10,9 +10,9 @@ The teacher and student share the tokenizer, so their logits cover the same voca
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from llmmo.checkpoint import Checkpoint
 from llmmo.config import Config
 from llmmo.errors import ConfigError
 from llmmo.train import Reporter, Trainer
@@ -32,20 +32,21 @@ def distillation_loss(
 
 
 class DistillTrainer(Trainer):
-    """A training run of a fresh student (the config's model) whose objective is `distillation_loss`."""
+    """A training run of a fresh student (the config's model, on the teacher's tokenizer) whose objective is
+    `distillation_loss`."""
 
     def __init__(
-        self, cfg: Config, teacher: nn.Module, alpha: float, temperature: float, reporter: Reporter | None = None
+        self, cfg: Config, teacher: Checkpoint, alpha: float, temperature: float, reporter: Reporter | None = None
     ):
         if not 0 <= alpha <= 1 or temperature <= 0:
             raise ConfigError(f"need 0 <= --alpha <= 1 and --temperature > 0, got {alpha} and {temperature}")
-        super().__init__(cfg, reporter)
-        if teacher.cfg.vocab_size != self.model.cfg.vocab_size:
+        super().__init__(cfg, reporter, tokenizer=teacher.tokenizer)
+        if teacher.model.cfg.vocab_size != self.model.cfg.vocab_size:
             raise ConfigError(
-                f"the teacher's vocabulary ({teacher.cfg.vocab_size}) differs from the student's "
-                f"({self.model.cfg.vocab_size}); distill on the teacher's data and tokenizer"
+                f"the teacher's vocabulary ({teacher.model.cfg.vocab_size}) differs from the student's "
+                f"({self.model.cfg.vocab_size}); leave --model.vocab_size to follow the teacher's tokenizer"
             )
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.teacher = teacher.model.to(self.device).eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,11 @@ def lowrank(
             continue
         replace_module(model, name, factorize(linear, rank))
         ranks[name] = rank
+    if not ranks:
+        raise ConfigError(
+            "no layer gets smaller at that rank (a rank-r factorization of an m x n layer saves weights only when "
+            "r < mn / (m + n)); lower --rank-ratio or --energy"
+        )
     return {"method": "lowrank", "ranks": ranks}
 
 

@@ -27,6 +27,8 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global") ->
     if scope not in SCOPES:
         raise ConfigError(f"--scope '{scope}' is not one of {list(SCOPES)}")
     targets = [(m, "weight") for m in block_linears(model).values()]
+    if not targets:
+        raise ConfigError("the model has no float Linear layers in its blocks to prune (factorized already?)")
     if scope == "global":
         prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
     else:

@@ -67,6 +67,7 @@ def _tokens_per_s(model: nn.Module, prompt: list[int], batch: int, new_tokens: i
 def measure(path: str, cfg: ReportConfig) -> dict:
     """One checkpoint's row (run in its own process by `report`)."""
     from llmmo.checkpoint import load_checkpoint
+    from llmmo.compress import flatten_state
     from llmmo.data import prepare_data
     from llmmo.evaluate import evaluate
 
@@ -82,8 +83,11 @@ def measure(path: str, cfg: ReportConfig) -> dict:
         r["method"] + (f":{r.get('scheme') or r.get('kind')}" if "scheme" in r or "kind" in r else "")
         for r in ckpt.meta.get("compression", [])
     ]
+    folder = Path(path)
+    weights = {t.data_ptr(): t for t in flatten_state(ckpt.model.state_dict())[0].values()}  # ties once
     return {
         "checkpoint": path,
+        "name": folder.parent.name if folder.name.startswith("ckpt") else folder.name,
         "compression": " + ".join(methods) or "none",
         "bytes": (Path(path) / "model.safetensors").stat().st_size,
         "params": params,
@@ -94,7 +98,8 @@ def measure(path: str, cfg: ReportConfig) -> dict:
         "val_bpb": result.bpb,
         "tok_s_batch1": _tokens_per_s(ckpt.model, prompt, 1, cfg.new_tokens),
         "tok_s_batch8": _tokens_per_s(ckpt.model, prompt, 8, cfg.new_tokens),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weights_mib": sum(t.numel() * t.element_size() for t in weights.values()) / 2**20,  # in memory
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the whole process
     }
 
 
@@ -114,7 +119,7 @@ def frontier(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = [
-    ("checkpoint", "s"),
+    ("name", "s"),
     ("compression", "s"),
     ("bytes", ",d"),
     ("params", ",d"),
@@ -124,6 +129,7 @@ COLUMNS = [
     ("val_bpb", ".4f"),
     ("tok_s_batch1", ",.0f"),
     ("tok_s_batch8", ",.0f"),
+    ("weights_mib", ".2f"),
     ("peak_rss_mib", ".0f"),
 ]
 
@@ -145,7 +151,8 @@ def plot(rows: list[dict], file: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         ax.scatter(r["bytes"], r["val_ppl"], s=30)
-        ax.annotate(r["compression"], (r["bytes"], r["val_ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        label = r["name"] if r["compression"] == "none" else r["compression"]
+        ax.annotate(label, (r["bytes"], r["val_ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     best = frontier(rows)
     ax.plot([r["bytes"] for r in best], [r["val_ppl"] for r in best], "k--", lw=1, label="efficiency frontier")
     ax.set_xscale("log")

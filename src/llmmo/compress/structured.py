@@ -50,9 +50,9 @@ def importance(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tenso
             for i in range(len(model.blocks)):
                 a = grabbed["heads", i]
                 taylor = (a * a.grad).flatten(0, 1).sum(0)  # (H*D,)
-                heads[i] += taylor.view(cfg.n_head, cfg.head_dim).sum(-1).abs().detach()
+                heads[i] += taylor.view(cfg.n_head, cfg.head_dim).sum(-1).abs().detach().cpu()
                 a = grabbed["neurons", i]
-                neurons[i] += (a * a.grad).flatten(0, 1).sum(0).abs().detach()
+                neurons[i] += (a * a.grad).flatten(0, 1).sum(0).abs().detach().cpu()
     finally:
         for h in handles:
             h.remove()
@@ -82,7 +82,9 @@ def pruned_config(cfg: ModelConfig, heads_removed: int, neurons_removed: int) ->
             "neurons per layer: keep at least one of each"
         )
     heads = cfg.n_head - heads_removed
-    return dataclasses.replace(cfg, n_head=heads, n_kv_head=heads, depth=0, mlp_hidden=cfg.mlp_hidden - neurons_removed)
+    n_kv_head = heads if heads_removed else cfg.n_kv_head  # grouped key/value heads stay when no head goes
+    hidden = cfg.mlp_hidden - neurons_removed
+    return dataclasses.replace(cfg, n_head=heads, n_kv_head=n_kv_head, depth=0, mlp_hidden=hidden)
 
 
 def prune_structured(
@@ -92,6 +94,11 @@ def prune_structured(
     every layer; and the record."""
     cfg = model.cfg
     new_cfg = pruned_config(cfg, heads_removed, neurons_removed)
+    layers = [type(m).__name__ for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.proj)]
+    if any(name != "Linear" for name in layers):
+        raise ConfigError(
+            "structured pruning needs the float Linear layers; prune the checkpoint before quantizing or factorizing it"
+        )
     head_scores, neuron_scores = importance(model, batches)
     small = Transformer(new_cfg).to(next(model.parameters()).device)
     small.load_state_dict(
@@ -99,12 +106,16 @@ def prune_structured(
     )  # embeddings, final norm, head: unchanged
     D = cfg.head_dim
     for block, new, hs, ns in zip(model.blocks, small.blocks, head_scores, neuron_scores, strict=True):
-        kept_heads = hs.argsort(descending=True)[: new_cfg.n_head].sort().values
-        channels = (kept_heads[:, None] * D + torch.arange(D)).flatten()  # (H' * D,) of the H * D
-        qkv_rows = torch.cat([channels + part * cfg.n_head * D for part in range(3)])  # q, k and v of those heads
-        _take(block.attn.qkv, qkv_rows, None, new.attn.qkv)
-        _take(block.attn.proj, None, channels, new.attn.proj)
-        kept = ns.argsort(descending=True)[: new_cfg.mlp_hidden].sort().values
+        if heads_removed:  # plain multi-head attention (pruned_config checks): q, k and v rows of the kept heads
+            kept_heads = hs.argsort(descending=True)[: new_cfg.n_head].sort().values
+            channels = (kept_heads[:, None] * D + torch.arange(D)).flatten()  # (H' * D,) of the H * D
+            channels = channels.to(block.attn.qkv.weight.device)
+            qkv_rows = torch.cat([channels + part * cfg.n_head * D for part in range(3)])
+            _take(block.attn.qkv, qkv_rows, None, new.attn.qkv)
+            _take(block.attn.proj, None, channels, new.attn.proj)
+        else:
+            new.attn.load_state_dict(block.attn.state_dict())
+        kept = ns.argsort(descending=True)[: new_cfg.mlp_hidden].sort().values.to(block.mlp.up.weight.device)
         _take(block.mlp.up, kept, None, new.mlp.up)
         if cfg.mlp == "swiglu":
             _take(block.mlp.gate, kept, None, new.mlp.gate)

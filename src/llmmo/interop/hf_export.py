@@ -50,7 +50,8 @@ def check_exportable(cfg: ModelConfig) -> None:
         if cfg.n_head * cfg.head_dim != cfg.n_embd:
             raise InteropError(
                 f"GPT2LMHeadModel's heads split n_embd ({cfg.n_embd}) evenly, these are {cfg.n_head} x "
-                f"{cfg.head_dim} (pruned heads); use --model.family llama to export it as LlamaForCausalLM"
+                f"{cfg.head_dim} (pruned heads); prune neurons only (--heads 0) to export a gpt2 model, or train "
+                "the llama family, whose heads have their own width"
             )
         if cfg.n_kv_head != cfg.n_head:
             raise InteropError(

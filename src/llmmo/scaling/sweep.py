@@ -82,7 +82,7 @@ def plan_runs(base: Config, sweep: SweepConfig) -> list[dict[str, Any]]:
                 continue
             runs.append(
                 {
-                    "run": f"c{budget:.0e}-d{depth}".replace("+", ""),
+                    "run": f"c{budget:.4g}-d{depth}".replace("+", ""),
                     "budget": budget,
                     "depth": depth,
                     "steps": steps,

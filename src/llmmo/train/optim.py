@@ -21,7 +21,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # Linear weights that are not also an embedding (a tied output head is the token embedding)
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    # (a Linear under torch.nn.utils.prune keeps its parameter as weight_orig; weight is the masked product)
+    decayed = {id(getattr(m, "weight_orig", m.weight)) for m in model.modules() if isinstance(m, nn.Linear)}
+    decayed -= embeddings
     params = [p for p in model.parameters() if p.requires_grad]  # each shared (tied) tensor once
     decay = [p for p in params if id(p) in decayed]
     no_decay = [p for p in params if id(p) not in decayed]

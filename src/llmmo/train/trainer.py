@@ -39,6 +39,7 @@ from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
 from llmmo.fileio import write_text_atomic
 from llmmo.model import Transformer
+from llmmo.tokenizer import Tokenizer
 from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
 
@@ -128,10 +129,17 @@ class Trainer:
     """One training run. `run()` trains until the budget is spent (or Ctrl-C) and returns a TrainResult.
 
     `start` trains a given model (with its tokenizer) instead of fresh weights: recovery after compression, a
-    fine-tune. Subclasses change the objective through `compute_loss` (distillation).
+    fine-tune; `tokenizer` gives fresh weights a given tokenizer (a distilled student shares its teacher's).
+    Subclasses change the objective through `compute_loss` (distillation).
     """
 
-    def __init__(self, cfg: Config, reporter: Reporter | None = None, start: Checkpoint | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        reporter: Reporter | None = None,
+        start: Checkpoint | None = None,
+        tokenizer: Tokenizer | None = None,
+    ):
         self.cfg = resolve_config(cfg)
         self.reporter = reporter or Reporter()
         t = self.cfg.train
@@ -149,7 +157,7 @@ class Trainer:
         source = resumed or start
         torch.manual_seed(t.seed)  # the same on every rank: the initial weights must agree
 
-        self.data: PreparedData = self._prepare_data(source)
+        self.data: PreparedData = self._prepare_data(source.tokenizer if source else tokenizer)
         if start is not None:
             self.cfg.model = start.model.cfg
         self.cfg.model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=self._vocab_size()))
@@ -183,10 +191,9 @@ class Trainer:
         if resumed:
             self._restore(resumed)
 
-    def _prepare_data(self, source: Checkpoint | None) -> PreparedData:
+    def _prepare_data(self, tokenizer: Tokenizer | None) -> PreparedData:
         """Tokenize (or read the cache): the first process of each machine first, then the others read the cache
         it wrote (the cache is per machine)."""
-        tokenizer = source.tokenizer if source else None
         first = self.world.local_rank == 0
         if not first:
             self.world.barrier()
