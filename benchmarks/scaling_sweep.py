@@ -1,7 +1,8 @@
 """A real scaling sweep on 2 CPU cores (~20-30 min): char-level Python standard library (pystdlib, 7.6M
 training tokens, so that the runs near each budget's optimum do not repeat data), 3 budgets x 3 sizes of the
-depth dial (aspect 32) around each budget's Chinchilla point. Fitted on the two smaller budgets, the law predicts every run of the largest one; the
-JSON printed last holds the fit, the prediction errors and the figures' paths.
+depth dial (aspect 32) around each budget's Chinchilla point. Fitted on the two smaller budgets, the law
+predicts every run of the largest one; the JSON printed last holds the fit, the prediction errors and the
+figures' paths.
 
 python -m benchmarks.scaling_sweep [--out benchmarks/results/scaling] [--budgets 1e12,2.5e12,6.25e12]
 """
@@ -13,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 BASE = {
     "data.source": "pystdlib",
