@@ -418,6 +418,22 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- lora
+
+
+def cmd_lora_merge(args: argparse.Namespace) -> int:
+    from llmmo.checkpoint import load_checkpoint, save_checkpoint
+    from llmmo.finetune.lora import load_adapter, merge_lora
+
+    _refuse_existing(args.out)
+    ckpt = load_checkpoint(args.base)
+    load_adapter(ckpt.model, args.adapter)
+    merge_lora(ckpt.model)
+    save_checkpoint(args.out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=ckpt.meta.get("compression"))
+    print(f"merged {args.adapter} into {args.base} -> {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ tokenizer, data
 
 
@@ -640,6 +656,14 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--bootstrap", type=at_least(0), default=100, help="resamples for intervals (default: 100)")
         c.set_defaults(func=cmd_scale)
     s.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("lora", parents=[common], help="LoRA adapters")
+    lsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    m = lsub.add_parser("merge", parents=[common], allow_abbrev=False, help="fold an adapter into its base")
+    m.add_argument("base", help="the base checkpoint the adapter was trained on")
+    m.add_argument("adapter", help="the adapter folder (adapter.safetensors, adapter_config.json)")
+    m.add_argument("out", help="the merged checkpoint folder to write")
+    m.set_defaults(func=cmd_lora_merge)
 
     p = sub.add_parser("tokenizer", parents=[common], help="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,0 +1,1 @@
+"""Adapting a pretrained checkpoint to a task: LoRA adapters (lora)."""

@@ -1,0 +1,133 @@
+"""LoRA (Hu et al. 2021): train a low-rank update B A of chosen Linear layers while the model stays frozen.
+
+y = W x + (alpha / r) B A dropout(x), A (r x in) random, B (out x r) zero, so the adapted model starts as the
+base model. Applied as a transform to an unmodified model (`apply_lora`); only A and B train and are saved
+(`save_adapter`: adapter.safetensors + adapter_config.json, a few percent of the checkpoint); `merge_lora`
+folds them into the base weights, giving a plain model that computes the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmmo.errors import CheckpointError, ConfigError
+from llmmo.fileio import atomic_folder
+
+TARGETS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.gate", "mlp.proj", "lm_head")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8  # the update's rank
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # of TARGETS
+
+    def validate(self) -> None:
+        if self.r <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA needs r > 0, alpha > 0 and 0 <= dropout < 1; got {self}")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"--lora.targets {unknown or '(none)'}: choose among {list(TARGETS)}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear layer plus its trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises; B = 0 keeps y = W x
+        self.scale = alpha / r
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded in: W + (alpha / r) B A."""
+        with torch.no_grad():
+            self.base.weight += (self.lora_b @ self.lora_a * self.scale).to(self.base.weight.dtype)
+        return self.base
+
+
+def _targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    names = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in cfg.targets)
+    ]
+    if not names:
+        raise ConfigError(f"the model has no Linear layer named {cfg.targets}; choose among {list(TARGETS)}")
+    return names
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Wrap the target layers in LoRALinear and freeze everything else; the wrapped layers' names."""
+    cfg.validate()
+    if getattr(model, "tok_emb", None) is not None and "lm_head" in cfg.targets and model.cfg.tie_embeddings:
+        raise ConfigError("lm_head is tied to the token embedding in this model; leave it out of --lora.targets")
+    model.requires_grad_(False)
+    names = _targets(model, cfg)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LoRALinear(getattr(owner, child), cfg.r, cfg.alpha, cfg.dropout))
+    return names
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors by name (what a LoRA run saves)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer (in place); the model is plain again."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.merged())
+    return model
+
+
+def save_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path, base: str) -> None:
+    """adapter.safetensors and adapter_config.json (the LoRA settings and the base checkpoint) in `out`."""
+    with atomic_folder(Path(out)) as tmp:
+        safetensors.torch.save_file(adapter_state(model), str(tmp / "adapter.safetensors"))
+        meta = asdict(cfg) | {"base_checkpoint": str(base)}
+        (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
+    """Apply the adapter saved in `folder` to `model` (its base); the adapter's settings."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "adapter_config.json").read_text())
+        tensors = safetensors.torch.load_file(str(folder / "adapter.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"'{folder}' is not a LoRA adapter folder (adapter_config.json + adapter.safetensors): {e}"
+        ) from None
+    cfg = LoraConfig(**{k: v for k, v in meta.items() if k != "base_checkpoint"})
+    apply_lora(model, cfg)
+    missing = set(adapter_state(model)) ^ set(tensors)
+    if missing:
+        raise CheckpointError(
+            f"the adapter in '{folder}' does not fit this model ({len(missing)} tensors differ, e.g. "
+            f"{sorted(missing)[0]}); pass the base checkpoint it was trained on ({meta.get('base_checkpoint')})"
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"the adapter in '{folder}' does not fit this model: {str(e).splitlines()[-1]}") from None
+    return cfg
