@@ -151,8 +151,7 @@ def plot(rows: list[dict], file: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         ax.scatter(r["bytes"], r["val_ppl"], s=30)
-        label = r["name"] if r["compression"] == "none" else r["compression"]
-        ax.annotate(label, (r["bytes"], r["val_ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(r["name"], (r["bytes"], r["val_ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     best = frontier(rows)
     ax.plot([r["bytes"] for r in best], [r["val_ppl"] for r in best], "k--", lw=1, label="efficiency frontier")
     ax.set_xscale("log")
