@@ -1,10 +1,9 @@
-"""A real scaling sweep on 2 CPU cores (~20-30 min): char-level Python standard library (pystdlib, 7.6M
-training tokens, so that the runs near each budget's optimum do not repeat data), 3 budgets x 3 sizes of the
-depth dial (aspect 32) around each budget's Chinchilla point. Fitted on the two smaller budgets, the law
-predicts every run of the largest one; the JSON printed last holds the fit, the prediction errors and the
-figures' paths.
+"""A real scaling sweep on 2 CPU cores (~6 min): char level, 3 budgets x 3 sizes of the depth dial (aspect 32),
+the sizes nearest each budget's Chinchilla point (`--sizes auto`). Fitted on the two smaller budgets, the law
+predicts every run of the largest one; the JSON printed last holds the fit, the prediction errors, the
+figures' paths and a plan for 1e15 FLOPs.
 
-python -m benchmarks.scaling_sweep [--out benchmarks/results/scaling] [--budgets 1e12,2.5e12,6.25e12]
+python -m benchmarks.scaling_sweep [--source pystdlib|tinyshakespeare] [--out benchmarks/results/scaling]
 """
 
 from __future__ import annotations
@@ -34,13 +33,14 @@ def llmmo(*args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/scaling")
+    parser.add_argument("--source", default="pystdlib")
     parser.add_argument("--budgets", default="1e12,2.5e12,6.25e12")
-    parser.add_argument("--points", default="3")
+    parser.add_argument("--sizes", default="auto")
     args = parser.parse_args()
     budgets = args.budgets.split(",")
     start = time.perf_counter()
-    options = [f"--{k}={v}" for k, v in BASE.items()]
-    llmmo("scale", "sweep", "--budgets", args.budgets, "--points", args.points, "--out", args.out, *options)
+    options = [f"--{k}={v}" for k, v in (BASE | {"data.source": args.source}).items()]
+    llmmo("scale", "sweep", "--budgets", args.budgets, "--sizes", args.sizes, "--out", args.out, *options)
     sweep_s = time.perf_counter() - start
     fit = json.loads(llmmo("scale", "fit", args.out, "--fit-budgets", ",".join(budgets[:-1])))
     figures = llmmo("scale", "plot", args.out, "--fit-budgets", ",".join(budgets[:-1])).split()

@@ -388,7 +388,13 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
         cfg = _config_from_args(args, ("model", "data", "train"))
         depths = [] if args.sizes == "auto" else [int(x) for x in args.sizes.split(",")]
-        config = SweepConfig(_floats(args.budgets), depths=depths, points=args.points, min_steps=args.min_steps)
+        config = SweepConfig(
+            _floats(args.budgets),
+            depths=depths,
+            points=args.points,
+            min_steps=args.min_steps,
+            tokens_per_param=args.tokens_per_param,
+        )
         runs = plan_runs(cfg, config)
         bar = tqdm(total=sum(r["budget"] for r in runs), unit="FLOP", unit_scale=True, dynamic_ncols=True)
         bar.set_postfix_str(f"0/{len(runs)} runs")
@@ -642,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default="auto", help="auto, or depths like 1,2,3 (default: auto)")
     s.add_argument("--points", type=at_least(2), default=3, help="auto: sizes per budget (default: 3)")
     s.add_argument("--min-steps", type=at_least(1), default=20, help="leave out shorter runs (default: 20)")
+    s.add_argument(
+        "--tokens-per-param", type=float, default=20.0, help="auto: centre each budget's sizes here (default: 20)"
+    )
     s.add_argument("--out", default="runs/sweep", help="the sweep folder (default: runs/sweep)")
     _add_config_options(s, ("model", "data", "train"))
     f = ssub.add_parser("fit", parents=[common], allow_abbrev=False, help="fit L(N, D) and IsoFLOP laws")

@@ -118,6 +118,8 @@ def plot(rows: list[dict[str, Any]], analysis: dict[str, Any], out: str | Path) 
     out.mkdir(parents=True, exist_ok=True)
     law = law_from(analysis)
     n, d, loss, flops = _columns(rows)
+    budget = np.array([r["budget"] for r in rows])
+    budgets = sorted(set(budget.tolist()))
     files = []
 
     def save(fig: Any, name: str) -> None:
@@ -130,8 +132,7 @@ def plot(rows: list[dict[str, Any]], analysis: dict[str, Any], out: str | Path) 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     points = ax.scatter(flops, loss, c=np.log10(n), cmap="viridis", s=25)
     fig.colorbar(points, label="log10 non-embedding parameters")
-    budgets = sorted(set(flops.tolist()))
-    best = [loss[np.abs(flops / c - 1) < 0.1].min() for c in budgets]
+    best = [loss[budget == c].min() for c in budgets]
     ax.plot(budgets, best, "k-", lw=1, label="frontier (best run per budget)")
     grid = np.geomspace(min(budgets) / 2, max(budgets) * 10, 50)
     ax.plot(grid, [law.loss(*law.optimal(c)) for c in grid], "r--", lw=1, label="fitted law at the optimal N, D")
@@ -141,13 +142,14 @@ def plot(rows: list[dict[str, Any]], analysis: dict[str, Any], out: str | Path) 
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for c in budgets:
-        mine = np.abs(flops / c - 1) < 0.1
+        mine = budget == c
         order = np.argsort(n[mine])
         ax.plot(n[mine][order], loss[mine][order], "o-", label=f"C = {c:.1e}")
     iso = analysis.get("isoflop")
     if iso:
         ax.plot(iso["n_opt"], iso["loss_opt"], "k*", ms=10, label="parabola minima")
     ax.set(xscale="log", xlabel="non-embedding parameters", ylabel="validation loss", title="IsoFLOP curves")
+    ax.tick_params(axis="x", which="minor", labelbottom=False)
     ax.legend(fontsize=8)
     save(fig, "isoflop.png")
 

@@ -41,7 +41,9 @@ class LawFit:
 
     def loss_interval(self, n: float, d: float) -> tuple[float, float]:
         """5th-95th percentile of the predicted loss over the bootstrap fits."""
-        values = [s["E"] + s["A"] / n ** s["alpha"] + s["B"] / d ** s["beta"] for s in self.samples]
+        with np.errstate(over="ignore"):  # a bootstrap fit's huge exponent sends its term to 0, not an error
+            n, d = np.float64(n), np.float64(d)
+            values = [s["E"] + s["A"] / n ** s["alpha"] + s["B"] / d ** s["beta"] for s in self.samples]
         return (float(np.percentile(values, 5)), float(np.percentile(values, 95))) if values else (math.nan,) * 2
 
     def optimal(self, flops: float) -> tuple[float, float]:

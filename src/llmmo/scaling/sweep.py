@@ -3,7 +3,8 @@ D = C / (training FLOPs per token) tokens, and its final validation loss, in a l
 
 Sizes: `model.depth` k gives n_layer = k, n_embd = aspect * k (the base config's `model.aspect`). `auto` picks,
 per budget, the `points` depths whose parameter count is nearest to the budget's Chinchilla point (20 tokens
-per parameter), so that each IsoFLOP curve brackets its minimum. Learning rates scale with width as muP
+per parameter by default; small char-level models want far more), so that each IsoFLOP curve brackets its
+minimum. Learning rates scale with width as muP
 prescribes for Adam's hidden matrices (Yang et al. 2022): lr = base lr * base width / width.
 
 The ledger (ledger.jsonl, one run per line, and ledger.csv) is written as runs finish; a sweep started again
@@ -40,6 +41,7 @@ class SweepConfig:
     points: int = 3  # auto: sizes per budget
     max_depth: int = 16  # auto: the largest depth considered
     min_steps: int = 20  # a run shorter than this many optimizer steps is left out (too short to mean much)
+    tokens_per_param: float = TOKENS_PER_PARAM  # auto: sizes are centred where D / N is this
 
 
 def _model_at(base: Config, depth: int) -> Any:
@@ -71,8 +73,8 @@ def plan_runs(base: Config, sweep: SweepConfig) -> list[dict[str, Any]]:
     runs = []
     for budget in sweep.budgets:
         depths = sweep.depths
-        if not depths:  # the sizes nearest (in log N) to N = sqrt(C / (6 * 20))
-            center = math.sqrt(budget / (6 * TOKENS_PER_PARAM))
+        if not depths:  # the sizes nearest (in log N) to N = sqrt(C / (6 * tokens per parameter))
+            center = math.sqrt(budget / (6 * sweep.tokens_per_param))
             by_distance = sorted(shapes, key=lambda k: abs(math.log(shapes[k]["params_nonembedding"] / center)))
             depths = sorted(by_distance[: sweep.points])
         for depth in depths:
