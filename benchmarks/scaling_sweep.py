@@ -1,7 +1,7 @@
 """A real scaling sweep on 2 CPU cores (~5 min): char level, 3 budgets x 3 sizes of the depth dial (aspect 32),
-the sizes nearest each budget's Chinchilla point (`--sizes auto`); on pystdlib no run repeats data. Fitted on the two smaller budgets, the law
-predicts every run of the largest one; the JSON printed last holds the fit, the prediction errors, the
-figures' paths and a plan for 1e15 FLOPs.
+the sizes nearest each budget's Chinchilla point (`--sizes auto`); on pystdlib no run repeats data. Fitted on
+the two smaller budgets, the law predicts every run of the largest one; the JSON printed last holds the fit,
+the prediction errors, the figures' paths and a plan for 1e15 FLOPs.
 
 python -m benchmarks.scaling_sweep [--source pystdlib|tinyshakespeare] [--out benchmarks/results/scaling]
 """
