@@ -2,7 +2,8 @@
 
 Approach 3: L(N, D) = E + A / N^alpha + B / D^beta, fitted as the paper does: in log space,
 log L = LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, minimising the Huber loss
-(delta 1e-3) of the residuals of log L, with L-BFGS from a grid of starting points, keeping the best.
+(delta 1e-3) of the residuals of log L, with L-BFGS from many starting points, keeping the best. The starts
+come from a grid over (alpha, beta), where (E, A, B) follow by least squares (`grid_starts`).
 Confidence intervals: the same fit on bootstrap resamples of the runs (percentiles).
 
 Approach 2: for each compute budget, a parabola of loss against log N (an IsoFLOP curve); its minimum is the
