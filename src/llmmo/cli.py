@@ -148,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     import torch.distributed
 
+    from llmmo.distributed import close_world
     from llmmo.train import Trainer
 
     cfg = _config_from_args(args, ("model", "data", "train"))
@@ -155,6 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = Trainer(cfg, reporter).run()
     except (torch.distributed.DistError, RuntimeError) as e:
+        close_world(finished=False)
         # gloo reports a vanished peer as a plain RuntimeError
         if not isinstance(e, torch.distributed.DistError) and "by peer" not in str(e):
             raise
@@ -162,10 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"lost contact with the other training processes ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "one of them failed or hung, see its messages"
         ) from None
-    finally:
-        from llmmo.distributed import close_world
-
-        close_world()
+    except BaseException:
+        close_world(finished=False)
+        raise
+    close_world()
     if reporter.bar is not None:
         reporter.bar.close()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports

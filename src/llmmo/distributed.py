@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,9 +94,17 @@ def init_world(device: torch.device, timeout_s: float) -> tuple[World, torch.dev
     return World(rank=rank, local_rank=local_rank, size=size), device
 
 
-def close_world() -> None:
+def close_world(finished: bool = True) -> None:
+    """Leave the process group; after a `finished` run, once every rank is done. Gloo's worker threads can
+    outlive a group that a module (an FSDP mesh) still references, and die with SIGABRT at interpreter exit
+    (pytorch/pytorch#179291): the barrier drains the last collectives and the collections drop those
+    references while Python is alive. After a failure the other ranks may be gone: no barrier then."""
     if dist.is_initialized():
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def parallelize(model: nn.Module, parallel: str, world: World, device: torch.device, bf16: bool) -> nn.Module:
