@@ -405,7 +405,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
             bar.update(row["flops"])
             bar.set_postfix_str(f"{done}/{total} runs, last {row['run']} val {row['val_loss']:.4f}")
 
-        rows = sweep(cfg, config, args.out, progress)
+        rows = sweep(cfg, config, args.out, progress, runs)
         bar.close()
         print(f"{len(rows)} runs -> {args.out}/ledger.jsonl, ledger.csv")
         return 0

@@ -141,7 +141,7 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )

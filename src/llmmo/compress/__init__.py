@@ -83,7 +83,8 @@ def save_compressed(ckpt: Checkpoint, out: str | Path, record: dict[str, Any]) -
     save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=records)
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """A plain float32 copy of `t` (a torchao quantized tensor dequantized)."""
     return (t.dequantize() if _is_subclass(t) else t).detach().float()
 
 
@@ -95,7 +96,7 @@ def effective_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     if isinstance(module, LowRankLinear):
         (up, bias), (down, _) = effective_weight(module.up), effective_weight(module.down)
         return up @ down, bias
-    weight = module.weight_float() if isinstance(module, Int4Linear) else _dense(module.weight)
+    weight = module.weight_float() if isinstance(module, Int4Linear) else dense(module.weight)
     return weight, None if module.bias is None else module.bias.detach().float()
 
 
@@ -104,9 +105,9 @@ def densify(model: nn.Module) -> nn.Module:
     dequantized, factorized layers multiplied out (what `export` writes for transformers)."""
     from llmmo.model import Transformer
 
-    dense = Transformer(model.cfg)
-    linears = {name for name, m in dense.named_modules() if isinstance(m, nn.Linear)}
-    state = {k: _dense(v) for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in linears}
+    plain = Transformer(model.cfg)
+    linears = {name for name, m in plain.named_modules() if isinstance(m, nn.Linear)}
+    state = {k: dense(v) for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in linears}
     for name in linears:
         if model.cfg.tie_embeddings and name == "lm_head":
             continue
@@ -114,8 +115,8 @@ def densify(model: nn.Module) -> nn.Module:
         state[f"{name}.weight"] = weight
         if bias is not None:
             state[f"{name}.bias"] = bias
-    state = {k: v for k, v in state.items() if k in dense.state_dict()}  # inner keys of compressed layers go
+    state = {k: v for k, v in state.items() if k in plain.state_dict()}  # inner keys of compressed layers go
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
-    dense.load_state_dict(state, strict=True)
-    return dense.to(next(model.parameters()).device).eval()
+    plain.load_state_dict(state, strict=True)
+    return plain.to(next(model.parameters()).device).eval()

@@ -35,20 +35,17 @@ class ReportConfig:
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero ones) as the model computes with them: a quantized layer counts its in x out
     weights (zero where they dequantize to zero), a tied tensor once."""
+    from llmmo.compress import dense
     from llmmo.compress.quantize import Int4Linear
 
     total = nonzero = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, Int4Linear):
-            w = module.weight_float()
-            total, nonzero = total + w.numel(), nonzero + int((w != 0).sum())
-        for t in [*module.parameters(recurse=False)]:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            dense = t.dequantize() if hasattr(t, "dequantize") and type(t) is not nn.Parameter else t
-            total, nonzero = total + t.numel(), nonzero + int((dense.detach() != 0).sum())
+        tensors = [module.weight_float()] if isinstance(module, Int4Linear) else []
+        tensors += [t for t in module.parameters(recurse=False) if id(t) not in seen]
+        seen.update(id(t) for t in tensors)
+        for t in tensors:
+            total, nonzero = total + t.numel(), nonzero + int((dense(t) != 0).sum())
     return total, nonzero
 
 

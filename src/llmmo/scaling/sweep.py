@@ -62,12 +62,14 @@ def shape_of(base: Config, depth: int) -> dict[str, int]:
 
 
 def plan_runs(base: Config, sweep: SweepConfig) -> list[dict[str, Any]]:
-    """The grid: one entry per (budget, depth) with its tokens, steps and learning rate."""
+    """The grid: one entry per (budget, depth) with its steps, learning rate, and whether its tokens exceed
+    the training split (the run then reads some data again)."""
     from llmmo.data import prepare_data
 
     base = resolve_config(base)
-    if not base.model.vocab_size:  # the tokenizer's, as training will find it
-        base.model.vocab_size = prepare_data(base.data, splits=(base.data.val_split,)).tokenizer.vocab_size
+    data = prepare_data(base.data, splits=(base.data.train_split,))
+    train_tokens = len(data.splits[base.data.train_split])
+    base.model.vocab_size = base.model.vocab_size or data.tokenizer.vocab_size  # as training will find it
     tokens_per_step = base.train.batch_size * base.train.grad_accum * base.data.block_size
     shapes = {k: shape_of(base, k) for k in (sweep.depths or range(1, sweep.max_depth + 1))}
     runs = []
@@ -89,6 +91,7 @@ def plan_runs(base: Config, sweep: SweepConfig) -> list[dict[str, Any]]:
                     "depth": depth,
                     "steps": steps,
                     "lr": base.train.lr * base.model.n_embd / shape["n_embd"],
+                    "repeats_data": steps * tokens_per_step > train_tokens,
                 }
                 | shape
             )
@@ -123,20 +126,23 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def sweep(
-    base: Config, config: SweepConfig, out: str | Path, progress: Callable[[dict, int, int], None] | None = None
+    base: Config,
+    config: SweepConfig,
+    out: str | Path,
+    progress: Callable[[dict, int, int], None] | None = None,
+    runs: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the grid into `out` (runs/NAME/ per run, ledger.jsonl and ledger.csv); returns the ledger's rows.
 
-    `progress(row, done, total)` is called after each run (the CLI's bar)."""
-    from llmmo.data import prepare_data
+    `runs` is `plan_runs(base, config)`, planned here unless the caller has it already; `progress(row, done,
+    total)` is called after each run (the CLI's bar)."""
     from llmmo.train import Trainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ledger = out / "ledger.jsonl"
     done = {r["run"]: r for r in read_ledger(ledger)} if ledger.is_file() else {}
-    runs = plan_runs(base, config)
-    train_tokens = len(prepare_data(resolve_config(base).data).splits[base.data.train_split])
+    runs = runs if runs is not None else plan_runs(base, config)
     for i, run in enumerate(runs):
         if run["run"] in done:
             continue
@@ -169,7 +175,6 @@ def sweep(
             "val_loss": result.last_eval["val_loss"],
             "time_s": trainer.elapsed(),
             "tok_per_s": result.tokens / max(trainer.elapsed(), 1e-9),
-            "repeats_data": result.tokens > train_tokens,
         }
         with ledger.open("a") as f:
             f.write(json.dumps(row) + "\n")
