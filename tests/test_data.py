@@ -283,10 +283,13 @@ def test_bad_jsonl_lines_are_named_by_file_and_line(tmp_path: Path):
         prepare_data(DataConfig(path=str(path)))
 
 
-def test_a_character_outside_the_train_alphabet_names_the_split(tmp_path: Path):
+def test_the_char_alphabet_holds_val_characters_and_other_text_is_named(tmp_path: Path):
     path = write(tmp_path / "t.txt", "ab" * 45 + "abababababz")  # val: the last 11 characters
-    with pytest.raises(DataError, match=r"t\.txt \(1 file\) \[val\]: characters 'z' are not in"):
-        prepare_data(DataConfig(path=str(path), block_size=4))
+    data = prepare_data(DataConfig(path=str(path), block_size=4))  # 'z' occurs in val only: it is in the alphabet
+    assert data.tokenizer.vocab_size == 4  # a, b, z and the document separator
+    other = write(tmp_path / "other.txt", "abq")
+    with pytest.raises(DataError, match=r"other\.txt.*characters 'q' are not in"):
+        tokenize_file(str(other), data.tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ download

@@ -7,7 +7,10 @@ ckpt/
   tokenizer.json           the tokenizer, loadable alone with `tokenizers`
   trainer_state.json       step, token and FLOP counters, best val loss, optimizer hyper-parameters
   trainer_state.safetensors  optimizer moments and RNG states
+  head.safetensors         a fine-tuned task head (classifier, QA span), described by config.json's "task"
 ```
+A LoRA fine-tune's folder holds the adapter instead of the weights (llmmo.finetune.lora: adapter.safetensors,
+adapter_config.json naming the base checkpoint); `load_checkpoint` loads the base and applies it.
 A folder is written beside its target under a temporary name and then swapped in (`fileio.atomic_folder`),
 so a crash leaves either the old checkpoint or the new one, never half of one.
 """
@@ -43,6 +46,8 @@ class Checkpoint:
     data: DataConfig
     meta: dict[str, Any] = field(default_factory=dict)  # config.json as read (step, tokens, versions)
     trainer_state: dict[str, Any] | None = None  # JSON state + tensors, training checkpoints only
+    task: dict[str, Any] | None = None  # a fine-tuned task's description (config.json "task"), e.g. its labels
+    head: dict[str, torch.Tensor] | None = None  # that task's head weights (head.safetensors)
 
 
 def save_checkpoint(
@@ -53,12 +58,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     compression: list[dict[str, Any]] | None = None,
+    task: dict[str, Any] | None = None,
+    head: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a checkpoint folder; `trainer_state` ({"json": {...}, "tensors": {...}}) makes it resumable.
 
     `weights` replaces model.state_dict() when the model holds only this process's shards (FSDP): the whole
     tensors, gathered by the caller. `compression` lists the records of the compression methods applied to the
-    model (llmmo.compress), which loading needs to rebuild its layout.
+    model (llmmo.compress), which loading needs to rebuild its layout. `task` and `head` are a fine-tuned task
+    head's description and weights (llmmo.finetune).
     """
     meta = {
         "format_version": FORMAT_VERSION,
@@ -73,6 +81,8 @@ def save_checkpoint(
         from llmmo.compress import flatten_state
 
         meta["compression"] = compression
+    if task is not None:
+        meta["task"] = task
 
     with atomic_folder(Path(path)) as tmp:
         weights = {k: v.detach().cpu() for k, v in (weights or model.state_dict()).items()}
@@ -85,6 +95,9 @@ def save_checkpoint(
         safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp / "tokenizer.json")
+        if head:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in head.items()}
+            safetensors.torch.save_file(tensors, str(tmp / "head.safetensors"))
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state["json"], indent=2) + "\n")
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state["tensors"].items()}
@@ -124,7 +137,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(file))
     except (safetensors.SafetensorError, OSError, ValueError) as e:
@@ -134,8 +147,13 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", trainer_state: bool = False) -> Checkpoint:
-    """Load the model (eval mode), tokenizer and data config of a checkpoint folder."""
+    """Load the model (eval mode), tokenizer and data config of a checkpoint folder (or of a LoRA adapter
+    folder: its base checkpoint with the adapter applied)."""
     path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from llmmo.finetune.lora import load_adapted
+
+        return load_adapted(path, device)
     meta = read_config(path)
     try:
         model_cfg = resolve_model(ModelConfig(**meta["model"]))  # fills fields newer than the checkpoint
@@ -146,7 +164,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         ) from None
     tokenizer = Tokenizer.load(path / "tokenizer.json")
     model = Transformer(model_cfg)
-    tensors = _load_tensors(path / "model.safetensors")
+    tensors = load_tensors(path / "model.safetensors")
     compression = meta.get("compression") or []
     if compression:
         from llmmo.compress import apply_layout, unflatten_state
@@ -172,5 +190,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
             state_json = json.loads((path / "trainer_state.json").read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"'{path / 'trainer_state.json'}' is corrupt ({e})") from None
-        state = {"json": state_json, "tensors": _load_tensors(path / "trainer_state.safetensors")}
-    return Checkpoint(model=model, tokenizer=tokenizer, data=data_cfg, meta=meta, trainer_state=state)
+        state = {"json": state_json, "tensors": load_tensors(path / "trainer_state.safetensors")}
+    task = meta.get("task")
+    head = load_tensors(path / "head.safetensors") if task and (path / "head.safetensors").is_file() else None
+    return Checkpoint(model, tokenizer, data_cfg, meta=meta, trainer_state=state, task=task, head=head)

@@ -83,8 +83,7 @@ class ProgressReporter:
         from tqdm import tqdm
 
         print(
-            f"training {info['params']:,} parameters on {info['device']}: {info['source']}, {info['tokenizer']}, "
-            f"{info['train_tokens']:,} train / {info['val_tokens']:,} val tokens -> {info['out_dir']}",
+            f"training {info['params']:,} parameters on {info['device']}: {info['data']} -> {info['out_dir']}",
             file=sys.stderr,
         )
         self.bar = tqdm(
@@ -108,10 +107,13 @@ class ProgressReporter:
 
     def evaluation(self, r: dict[str, Any]) -> None:
         where = f"Validation Epoch: {r['epoch']}" if "epoch" in r else f"step {r['step']}"
-        self.bar.write(
-            f"{where}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.2f}  bpb {r['val_bpb']:.4f}  "
-            f"(best {r['best_val_loss']:.4f})"
-        )
+        others = [
+            f"{k[4:]} {v:.4f}"
+            for k, v in r.items()
+            if k.startswith("val_") and k != "val_loss" and isinstance(v, float)
+        ]
+        shown = "  ".join([f"val loss {r['val_loss']:.4f}", *others])
+        self.bar.write(f"{where}  {shown}  (best {r['best_val_loss']:.4f})")
 
 
 def _train_args_without_nproc(args: argparse.Namespace) -> list[str]:
@@ -191,6 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
+    if args.task:
+        return _eval_task(args, ckpt)
     if args.file:
         split, name = tokenize_file(args.file, ckpt.tokenizer, encoding=ckpt.data.encoding), args.file
     elif ckpt.data.source.startswith("hf:") and not ckpt.data.path:
@@ -207,6 +211,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=device,
     )
     print(json.dumps({"checkpoint": str(args.checkpoint), "data": name} | result.as_dict(), indent=2))
+    return 0
+
+
+def _eval_task(args: argparse.Namespace, ckpt: Any) -> int:
+    from llmmo.finetune.tasks import run_task, write_examples
+    from llmmo.generate import GenerationConfig
+
+    if not args.file:
+        raise ConfigError(f"--task {args.task} scores a task file: pass it with --file FILE")
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    result = run_task(
+        ckpt,
+        args.task,
+        args.file,
+        gen,
+        args.limit,
+        args.batch_size,
+        args.prompt_field or "",
+        args.reference_field or "",
+    )
+    if args.examples:
+        write_examples(result, args.examples)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "task": args.task, "file": args.file} | result.scores))
     return 0
 
 
@@ -548,9 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], allow_abbrev=False, help="loss, perplexity, bits per byte")
     p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/ckpt-best)")
     p.add_argument("--split", default="val", help="a split of the checkpoint's data source (default: val)")
-    p.add_argument("--file", help="evaluate on this text file instead of a split")
+    p.add_argument("--file", help="evaluate on this text file instead of a split (with --task: the task file)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="(default: 16)")
     p.add_argument("--max-batches", type=at_least(0), default=0, help="0: the whole split (default: 0)")
+    t = p.add_argument_group("task evaluation (generation and scoring of a task file)")
+    t.add_argument(
+        "--task",
+        choices=["gsm8k", "squad", "chrf", "bleu", "exact"],
+        help="gsm8k: '#### N' answers; squad: EM/F1; chrf, bleu: sacrebleu; exact: exact match",
+    )
+    t.add_argument("--limit", type=at_least(0), default=0, help="score the first N examples; 0: all (default: 0)")
+    t.add_argument("--max-new-tokens", type=at_least(1), default=256, help="per reply, greedy (default: 256)")
+    t.add_argument("--prompt-field", help="JSONL field of the prompt (default: question for gsm8k, else prompt)")
+    t.add_argument("--reference-field", help="JSONL field of the reference (default: answer for gsm8k, else response)")
+    t.add_argument("--examples", metavar="FILE", help="write each example, reply and score to this JSONL file")
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_eval)
 
@@ -667,6 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--bootstrap", type=at_least(0), default=100, help="resamples for intervals (default: 100)")
         c.set_defaults(func=cmd_scale)
     s.set_defaults(func=cmd_scale)
+
+    from llmmo import cli_tasks
+
+    cli_tasks.add_parsers(sub, common)
 
     p = sub.add_parser("lora", parents=[common], help="LoRA adapters")
     lsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -74,8 +74,8 @@ class DataConfig:
     """Where the text comes from and how it becomes token windows."""
 
     source: str = "tinyshakespeare"  # a named source (see llmmo.data.sources); ignored when `path` is set
-    path: str = ""  # a text file, a folder, a glob or a .jsonl file; wins over `source`
-    text_field: str = "text"  # the field that holds the text in JSONL files
+    path: str = ""  # a text file, a folder, a glob, or a .jsonl or .json file of records; wins over `source`
+    text_field: str = "text"  # the field of JSONL/JSON records that holds the text (a list of lines is joined)
     encoding: str = "utf-8"  # the encoding of local text files
     tokenizer: str = "char"  # char | word | bpe
     vocab_size: int = 0  # word and bpe: 0 means 10000 (word) or 4096 (bpe); char: the corpus's characters

@@ -435,12 +435,24 @@ def stream(
     split across tokens and text that may begin a stop string are held back until settled. A bpe row also ends
     at the tokenizer's end-of-text token (not part of the text); the word tokenizer's <eos> ends a line only.
     """
-    gen = gen if gen is not None else GenerationConfig()
     ids = _encode_prompts(tokenizer, prompts)
     # a word tokenizer's <eos> ends a line, not the text; bpe's and imported tokenizers' end the text
     eos_id = tokenizer.eot_id if tokenizer.kind in ("bpe", "hf") else None
-    decoder = _Decoder(model, ids, gen, eos_id, vocab_size=tokenizer.vocab_size)
-    rows = [_RowText(tokenizer, p, gen.stop) for p in ids]
+    return stream_ids(model, tokenizer, ids, gen, eos_id)
+
+
+def stream_ids(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    gen: GenerationConfig | None = None,
+    eos_id: int | None = None,
+) -> Iterator[list[str]]:
+    """`stream` for prompts already tokenized (a chat template's ids), ending each row at `eos_id`."""
+    gen = gen if gen is not None else GenerationConfig()
+    prompts = [list(p) for p in prompts]
+    decoder = _Decoder(model, prompts, gen, eos_id, vocab_size=tokenizer.vocab_size)
+    rows = [_RowText(tokenizer, p, gen.stop) for p in prompts]
     return _stream_text(model, decoder, rows, eos_id)
 
 

@@ -236,6 +236,15 @@ class Transformer(nn.Module):
 
         Targets of -1 are ignored. With a `kv_cache`, idx holds only the new tokens; the cache advances by T.
         """
+        logits = self.lm_head(self.hidden(idx, kv_cache))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the last block's output after the final norm, (B, T, C): what the output head reads,
+        and what task heads (llmmo.finetune.heads) pool."""
         B, T = idx.shape
         if kv_cache is not None:
             if kv_cache.pos + T > self.cfg.block_size:
@@ -254,11 +263,7 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.norm_f(x)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once each (tied weights once); `non_embedding` leaves out the embedding tables."""

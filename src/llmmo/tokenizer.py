@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,10 @@ class Tokenizer:
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         # char: encode in Python, 100x faster than a per-character regex split, and the same ids (tested)
         self._char_ids = hf.get_vocab() if self.kind == "char" else None
+        # added special tokens longer than a character (chat markers): a char tokenizer cuts them out first
+        added = [t.content for t in hf.get_added_tokens_decoder().values() if t.special and len(t.content) > 1]
+        self._specials = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")")
+        self._specials = self._specials if added else None
         if self.kind == HF:
             specials = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
             eot = next((hf.token_to_id(t) for t in END_OF_TEXT if t in specials), None)
@@ -55,17 +59,23 @@ class Tokenizer:
         self.eot_id: int | None = eot
 
     def encode(self, text: str) -> list[int]:
+        if self._char_ids is not None and self._specials is not None:
+            pieces = self._specials.split(text)  # odd positions hold the special tokens
+            return [i for n, p in enumerate(pieces) for i in ([self._char_ids[p]] if n % 2 else self._chars(p))]
         if self._char_ids is not None:
-            unknown = set(text).difference(self._char_ids)
-            if unknown:
-                shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
-                raise DataError(
-                    f"characters {shown} are not in this char tokenizer's vocabulary ({len(unknown)} unknown); "
-                    "train the tokenizer on text that contains them, or use --data.tokenizer bpe"
-                )
-            ids = self._char_ids
-            return [ids[c] for c in text]
+            return self._chars(text)
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def _chars(self, text: str) -> list[int]:
+        unknown = set(text).difference(self._char_ids)
+        if unknown:
+            shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
+            raise DataError(
+                f"characters {shown} are not in this char tokenizer's vocabulary ({len(unknown)} unknown); "
+                "train the tokenizer on text that contains them, or use --data.tokenizer bpe"
+            )
+        ids = self._char_ids
+        return [ids[c] for c in text]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._char_ids is not None:
@@ -94,6 +104,12 @@ class Tokenizer:
         if self.kind == "word":
             out[self.hf.token_to_id(EOS)] = 1  # the newline
         return out
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """A copy with `tokens` added as special tokens (ids after the current ones; ones it has are kept)."""
+        hf = HFTokenizer.from_str(self.to_json())
+        hf.add_special_tokens(list(tokens))
+        return Tokenizer(hf)
 
     def to_json(self) -> str:
         return self.hf.to_str()

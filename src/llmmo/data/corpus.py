@@ -5,8 +5,8 @@ modification time, and how they are cut), so that a cached tokenization is found
 The text is read only when a split has to be tokenized, or a tokenizer trained on it.
 
 Local text (`data.path`) is a text file, a folder (every file below it, recursively, hidden ones and binary
-ones skipped), a glob, or a .jsonl file whose `data.text_field` holds each document's text (a folder or glob
-may mix both). It is split into train and val:
+ones skipped), a glob, or a .jsonl/.json file whose records' `data.text_field` holds each document's text (a
+folder or glob may mix both). It is split into train and val:
 - one document: the first (1 - val_fraction) of its characters train, the rest validate (nanoGPT's split);
 - several: every k-th document validates, k = round(1 / val_fraction) (the last document when there are
   fewer than k), so that both splits sample the whole corpus rather than its beginning and its end.
@@ -213,35 +213,53 @@ def read_text(path: Path, encoding: str) -> str:
 
 
 def read_documents(path: Path, encoding: str, text_field: str) -> list[str]:
-    """A .jsonl file's records' `text_field`s, or any other file's whole text as one document."""
+    """The `text_field` of each record of a .jsonl file (one JSON object per line) or of a .json file (an array of
+    objects); any other file's whole text as one document. A field holding a list of strings (a poem's lines) is
+    joined with newlines."""
     text = read_text(path, encoding)
-    if path.suffix.lower() != ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json"):
         return [text]
-    documents = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    records: list[tuple[str, object]] = []
+    if suffix == ".json":
+        try:
+            tree = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json corpus is one array of objects"
+            ) from None
+        if not isinstance(tree, list):
+            raise DataError(f"'{path}' holds a JSON {type(tree).__name__}; a .json corpus is one array of objects")
+        records = [(f"{path}[{i}]", record) for i, record in enumerate(tree)]
+    for lineno, line in enumerate(text.split("\n") if suffix == ".jsonl" else [], start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((f"{path}:{lineno}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); each line of a .jsonl file "
                 "must be one JSON object"
             ) from None
-        if not isinstance(record, dict) or text_field not in record:
-            fields = list(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-            raise DataError(
-                f"{path}:{lineno}: no field '{text_field}' (the record has {fields}); "
-                "set --data.text_field to the field that holds the text"
-            )
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise DataError(
-                f"{path}:{lineno}: field '{text_field}' holds a {type(value).__name__}, not text; "
-                "set --data.text_field to the field that holds the text"
-            )
-        documents.append(value)
-    return documents
+    return [_field_text(where, record, text_field) for where, record in records]
+
+
+def _field_text(where: str, record: object, text_field: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        fields = list(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise DataError(
+            f"{where}: no field '{text_field}' (the record has {fields}); "
+            "set --data.text_field to the field that holds the text"
+        )
+    value = record[text_field]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = "\n".join(value)
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field '{text_field}' holds a {type(value).__name__}, not text; "
+            "set --data.text_field to the field that holds the text"
+        )
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ splits

@@ -25,15 +25,21 @@ class PreparedData:
 def fit_tokenizer(cfg: DataConfig, corpus: Corpus | None = None) -> Tokenizer:
     """The tokenizer `cfg` asks for, trained on the train split only (so val stays unseen), and cached.
 
-    Cached as `$LLMMO_CACHE/tokenizers/<fingerprint of the train text, kind and vocab_size>.json`.
+    A char tokenizer's alphabet is the exception: it is every character of the train and val splits, as nanoGPT
+    takes it from the whole text. It learns nothing from their order or frequency, and a large alphabet (Chinese)
+    has rare characters that occur in val only, which the model must be able to read (and be scored on).
+
+    Cached as `$LLMMO_CACHE/tokenizers/<fingerprint of the text, kind and vocab_size>.json`.
     """
     corpus = corpus or open_corpus(cfg)
-    train = corpus.split(cfg.train_split)
-    key = fingerprint({"text": train.fingerprint, "kind": cfg.tokenizer, "vocab_size": cfg.vocab_size})
+    names = (cfg.train_split, cfg.val_split) if cfg.tokenizer == "char" else (cfg.train_split,)
+    splits = [corpus.split(name) for name in dict.fromkeys(names)]
+    text_key = splits[0].fingerprint if len(splits) == 1 else [s.fingerprint for s in splits]
+    key = fingerprint({"text": text_key, "kind": cfg.tokenizer, "vocab_size": cfg.vocab_size})
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if path.is_file():
         return Tokenizer.load(path)
-    texts = (piece for doc in train.read() for piece in pieces(doc))
+    texts = (piece for split in splits for doc in split.read() for piece in pieces(doc))
     if cfg.tokenizer == "char":  # documents are joined by this character, so it must be in the alphabet
         texts = itertools.chain(texts, [DOC_SEPARATOR])
     tokenizer = train_tokenizer(cfg.tokenizer, texts, cfg.vocab_size)

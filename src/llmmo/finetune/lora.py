@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 
 from llmmo.errors import CheckpointError, ConfigError
 from llmmo.fileio import atomic_folder
+from llmmo.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llmmo.checkpoint import Checkpoint
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.gate", "mlp.proj", "lm_head")
 
@@ -100,25 +105,45 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path, base: str) -> None:
-    """adapter.safetensors and adapter_config.json (the LoRA settings and the base checkpoint) in `out`."""
+def save_adapter(
+    model: nn.Module,
+    cfg: LoraConfig,
+    out: str | Path,
+    base: str | Path,
+    tokenizer: Tokenizer | None = None,
+    task: dict[str, Any] | None = None,
+    head: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """adapter.safetensors and adapter_config.json (the LoRA settings and the base checkpoint) in `out`; a
+    fine-tune adds its tokenizer, its task's description and head (stored beside the adapters as `head.*`)."""
     with atomic_folder(Path(out)) as tmp:
-        safetensors.torch.save_file(adapter_state(model), str(tmp / "adapter.safetensors"))
-        meta = asdict(cfg) | {"base_checkpoint": str(base)}
+        tensors = adapter_state(model) | {f"head.{k}": v.detach().cpu().contiguous() for k, v in (head or {}).items()}
+        safetensors.torch.save_file(tensors, str(tmp / "adapter.safetensors"))
+        meta = asdict(cfg) | {"base_checkpoint": str(Path(base).resolve())}
+        if task is not None:
+            meta["task"] = task
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+
+
+def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        meta = json.loads((folder / "adapter_config.json").read_text())
+        tensors = safetensors.torch.load_file(str(folder / "adapter.safetensors"))
+    except (OSError, ValueError, safetensors.SafetensorError) as e:
+        raise CheckpointError(
+            f"'{folder}' is not a LoRA adapter folder (adapter_config.json + adapter.safetensors): {e}"
+        ) from None
+    return meta, tensors
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     """Apply the adapter saved in `folder` to `model` (its base); the adapter's settings."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "adapter_config.json").read_text())
-        tensors = safetensors.torch.load_file(str(folder / "adapter.safetensors"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"'{folder}' is not a LoRA adapter folder (adapter_config.json + adapter.safetensors): {e}"
-        ) from None
-    cfg = LoraConfig(**{k: v for k, v in meta.items() if k != "base_checkpoint"})
+    meta, tensors = _read_adapter(folder)
+    tensors = {k: v for k, v in tensors.items() if ".lora_" in k}
+    cfg = LoraConfig(**{k: meta[k] for k in ("r", "alpha", "dropout", "targets") if k in meta})
     apply_lora(model, cfg)
     missing = set(adapter_state(model)) ^ set(tensors)
     if missing:
@@ -131,3 +156,28 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     except RuntimeError as e:
         raise CheckpointError(f"the adapter in '{folder}' does not fit this model: {str(e).splitlines()[-1]}") from None
     return cfg
+
+
+def load_adapted(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A LoRA fine-tune's folder as a checkpoint: its base checkpoint, the adapter applied, and the fine-tune's
+    tokenizer, task and head when it saved them."""
+    from llmmo.checkpoint import load_checkpoint
+
+    folder = Path(folder)
+    meta, tensors = _read_adapter(folder)
+    base = meta.get("base_checkpoint")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(
+            f"the base checkpoint of the adapter in '{folder}' ({base}) is missing; put it back at that path "
+            "(adapter_config.json's base_checkpoint names it)"
+        )
+    ckpt = load_checkpoint(base)
+    if (folder / "tokenizer.json").is_file():
+        ckpt.tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    load_adapter(ckpt.model, folder)
+    ckpt.model.to(device).eval()
+    ckpt.task = meta.get("task")
+    head = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
+    ckpt.head = head or None
+    ckpt.meta = ckpt.meta | {"adapter": str(folder)}
+    return ckpt

@@ -171,17 +171,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.token_bytes = self.data.tokenizer.token_bytes()
 
-        train_tokens = self.data.splits[self.cfg.data.train_split].tokens
-        sampler_cls = EpochWindows if t.sampler == "epoch" else RandomWindows
-        self.sampler = sampler_cls(
-            train_tokens,
-            self.cfg.data.block_size,
-            t.batch_size,
-            t.seed,
-            rank=self.world.rank,
-            world_size=self.world.size,
-            grad_accum=t.grad_accum,
-        )
+        self.sampler = self._make_sampler()
         self.tokens_per_step = t.batch_size * t.grad_accum * self.world.size * self.cfg.data.block_size
         self.total_steps = self._total_steps()
         self.flops_per_token = self.model.flops_per_token()
@@ -190,6 +180,20 @@ class Trainer:
         self.resumed = resumed is not None
         if resumed:
             self._restore(resumed)
+
+    def _make_sampler(self) -> EpochWindows | RandomWindows:
+        """What `train_step` draws its batches from: `batch(step, micro)` -> (x, y)."""
+        t = self.cfg.train
+        sampler_cls = EpochWindows if t.sampler == "epoch" else RandomWindows
+        return sampler_cls(
+            self.data.splits[self.cfg.data.train_split].tokens,
+            self.cfg.data.block_size,
+            t.batch_size,
+            t.seed,
+            rank=self.world.rank,
+            world_size=self.world.size,
+            grad_accum=t.grad_accum,
+        )
 
     def _prepare_data(self, tokenizer: Tokenizer | None) -> PreparedData:
         """Tokenize (or read the cache): the first process of each machine first, then the others read the cache
@@ -314,8 +318,8 @@ class Trainer:
             "time_s": round(self.elapsed(), 3),
         }
 
-    def evaluate_and_save(self) -> dict[str, Any]:
-        """Evaluate on the val split, record it, and write ckpt-latest (and ckpt-best when it improved)."""
+    def validate(self) -> dict[str, Any]:
+        """The evaluation record of the val split: val_loss (what ckpt-best minimises) and other val_ fields."""
         t = self.cfg.train
         val = evaluate(
             self.model,
@@ -327,11 +331,21 @@ class Trainer:
             autocast=self.autocast,
             world=self.world,
         )
-        record = self._counters() | val.as_dict(prefix="val_")
+        record = val.as_dict(prefix="val_")
         del record["val_tokens"], record["val_bytes"]
+        return record
+
+    def _data_info(self) -> dict[str, Any]:
+        """What the reporter shows of the data when the run starts."""
+        train, val = (len(self.data.splits[getattr(self.cfg.data, k)]) for k in ("train_split", "val_split"))
+        return {"data": f"{self.data.source}, {self.data.tokenizer!r}, {train:,} train / {val:,} val tokens"}
+
+    def evaluate_and_save(self) -> dict[str, Any]:
+        """Evaluate on the val split, record it, and write ckpt-latest (and ckpt-best when it improved)."""
+        record = self._counters() | self.validate()
         self.metrics.write(record)
-        improved = val.loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, val.loss)
+        improved = record["val_loss"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, record["val_loss"])
         self.save("ckpt-latest")
         if improved:
             self.save("ckpt-best")
@@ -405,17 +419,14 @@ class Trainer:
             {
                 "out_dir": str(self.out_dir),
                 "device": str(self.device),
-                "source": self.data.source,
-                "tokenizer": repr(self.data.tokenizer),
                 "params": self.model.num_params(),
                 "flops_per_token": self.flops_per_token,
                 "tokens_per_step": self.tokens_per_step,
                 "processes": self.world.size,
                 "start_step": self.step,
                 "total_steps": self.total_steps,
-                "train_tokens": len(self.data.splits[self.cfg.data.train_split]),
-                "val_tokens": len(self.data.splits[self.cfg.data.val_split]),
             }
+            | self._data_info()
         )
         last_eval: dict[str, Any] = {}
         evaluated_at = -1

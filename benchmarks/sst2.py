@@ -1,0 +1,98 @@
+"""SST-2 sentiment: fine-tune a classifier on GLUE SST-2 train, report dev accuracy, within a wall-clock budget.
+
+    python -m benchmarks.sst2 [--minutes 20] [--pretrain-minutes 0] [--out benchmarks/results/sst2]
+
+Steps, all through the llmmo CLI:
+1. a byte-level BPE tokenizer trained on the train sentences;
+2. the base model: fresh weights (--pretrain-minutes 0), or a language model pretrained by `llmmo train` on the
+   train sentences for that long (no labels; dev is never seen);
+3. `llmmo finetune classify` on train.tsv, evaluated on dev.tsv every --eval-every steps, stopped by
+   --train.max_minutes;
+4. dev accuracy, macro-F1 and the confusion matrix of the last checkpoint (not the best one: choosing by dev would
+   tune on it), written to result.json and result.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.dropout": 0.1}
+
+
+def llmmo(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "llmmo", *map(str, args)], check=True)
+
+
+def options(values: dict) -> list[str]:
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=20.0, help="the fine-tuning budget")
+    parser.add_argument("--pretrain-minutes", type=float, default=0.0, help="0: start from fresh weights")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--out", default="benchmarks/results/sst2")
+    args = parser.parse_args()
+    data = Path(os.environ.get("LLMMO_DATA_DIR", "../shared/data")) / "sst2"
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    # the train sentences as a plain text corpus (one per line): the tokenizer's and the pretraining's text
+    rows = (data / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    corpus = out / "train-sentences.txt"
+    corpus.write_text("\n".join(r.split("\t")[0].strip() for r in rows) + "\n", encoding="utf-8")
+    common = {"data.path": corpus, "data.tokenizer": "bpe", "data.vocab_size": args.vocab_size,
+              "data.block_size": args.block_size} | MODEL  # fmt: skip
+    start = time.perf_counter()
+    steps = 1 if args.pretrain_minutes == 0 else 1_000_000  # fresh weights: one step only builds the folder
+    llmmo("train", *options(common | {"train.max_steps": steps, "train.max_minutes": args.pretrain_minutes or 0,
+                                      "train.lr": 1e-3, "train.batch_size": 32, "train.eval_every": 500,
+                                      "train.eval_batches": 20, "train.out_dir": out / "base"}))  # fmt: skip
+    pretrain_s = time.perf_counter() - start
+    start = time.perf_counter()
+    llmmo(
+        "finetune", "classify", out / "base" / "ckpt-latest", "--train-file", data / "train.tsv",
+        "--eval-file", data / "dev.tsv", "--text-field", "sentence", "--pooling", args.pooling,
+        *options({"train.max_minutes": args.minutes, "train.epochs": 100, "train.lr": args.lr,
+                  "train.batch_size": args.batch_size, "train.eval_every": args.eval_every,
+                  "train.warmup_steps": 200, "train.out_dir": out / "finetune"}),
+    )  # fmt: skip
+    finetune_s = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_accuracy" in r]
+    last = evals[-1]
+    result = {
+        "base": "fresh weights" if args.pretrain_minutes == 0 else f"pretrained {args.pretrain_minutes} min",
+        "pretrain_s": round(pretrain_s, 1),
+        "finetune_s": round(finetune_s, 1),
+        "steps": last["step"],
+        "dev_accuracy": last["val_accuracy"],
+        "dev_macro_f1": last["val_macro_f1"],
+        "dev_confusion": last["val_confusion"],
+        "best_dev_accuracy_seen": max(r["val_accuracy"] for r in evals),
+        "curve": [{"step": r["step"], "time_s": r["time_s"], "dev_accuracy": r["val_accuracy"]} for r in evals],
+        "settings": vars(args) | {k: v for k, v in MODEL.items()},
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| step | time (s) | dev accuracy |", "|---|---|---|"]
+    lines += [f"| {c['step']} | {c['time_s']:.0f} | {c['dev_accuracy']:.4f} |" for c in result["curve"]]
+    (out / "result.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
+
+
+if __name__ == "__main__":
+    main()

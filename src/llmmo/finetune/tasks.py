@@ -1,0 +1,162 @@
+"""`llmmo eval --task`: run a task file through a fine-tuned checkpoint and score it.
+
+- gsm8k: JSONL question/answer; the model answers each question (greedy, in the chat template when it has one);
+  the answer counts when it ends in GSM8K's `#### <number>` format (format_rate) and that number is the
+  reference's (accuracy).
+- squad: SQuAD v1.1 JSON; an extractive QA checkpoint predicts spans, an instruction-tuned one answers in words;
+  exact match and F1 with the official normalisation.
+- chrf / bleu: JSONL prompt/reference pairs (translation-style); sacrebleu's corpus chrF or BLEU of the replies.
+- exact: JSONL prompt/reference pairs; exact match of the stripped reply.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmmo.checkpoint import Checkpoint
+from llmmo.errors import ConfigError, DataError
+from llmmo.finetune import qa
+from llmmo.finetune.chat import END, encode_chat, has_chat_tokens
+from llmmo.finetune.metrics import extract_final_number, same_number
+from llmmo.finetune.taskdata import read_conversations
+from llmmo.generate import GenerationConfig, stream_ids
+
+TASKS = ("gsm8k", "squad", "chrf", "bleu", "exact")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    scores: dict[str, float]
+    examples: list[dict[str, Any]]  # each prompt, reference and reply (and its score), for reading
+
+
+def _prompt_ids(ckpt: Checkpoint, prompt: str) -> list[int]:
+    """The prompt in the chat template when the tokenizer has one, else as plain text."""
+    if has_chat_tokens(ckpt.tokenizer):
+        return encode_chat(ckpt.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    return ckpt.tokenizer.encode(prompt)
+
+
+def generate_replies(ckpt: Checkpoint, prompts: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[str]:
+    """Each prompt's reply, in batches; a chat model's reply ends at its `<|end|>`."""
+    end = ckpt.tokenizer.hf.token_to_id(END) if has_chat_tokens(ckpt.tokenizer) else ckpt.tokenizer.eot_id
+    block = ckpt.model.cfg.block_size
+    replies = []
+    for first in range(0, len(prompts), batch_size):
+        ids = [_prompt_ids(ckpt, p)[-(block - 1) :] for p in prompts[first : first + batch_size]]
+        parts: list[list[str]] = [[] for _ in ids]
+        for pieces in stream_ids(ckpt.model, ckpt.tokenizer, ids, gen, end):
+            for part, piece in zip(parts, pieces, strict=True):
+                part.append(piece)
+        replies += ["".join(p) for p in parts]
+    return replies
+
+
+def _pairs(path: str | Path, prompt_field: str, reference_field: str, limit: int) -> tuple[list[str], list[str]]:
+    chats = read_conversations(path, prompt_field, reference_field)
+    rows = [(c[-2]["content"], c[-1]["content"]) for c in chats.conversations if len(c) >= 2]
+    if limit > 0:
+        rows = rows[:limit]
+    return [p for p, _ in rows], [r for _, r in rows]
+
+
+def _gsm8k(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+    prompts, references = _pairs(path, prompt_field or "question", reference_field or "answer", limit)
+    replies = generate_replies(ckpt, prompts, gen, batch)
+    examples, formatted, correct = [], 0, 0
+    for p, ref, reply in zip(prompts, references, replies, strict=True):
+        got, want = extract_final_number(reply), extract_final_number(ref)
+        formatted += got is not None
+        correct += same_number(got, want)
+        examples.append({"prompt": p, "reference": want, "reply": reply, "extracted": got})
+    n = max(len(prompts), 1)
+    return TaskResult("gsm8k", {"format_rate": formatted / n, "accuracy": correct / n, "n": len(prompts)}, examples)
+
+
+def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
+    def run(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+        try:
+            import sacrebleu
+        except ImportError:
+            raise ConfigError("chrF and BLEU need sacrebleu: pip install 'llmmo[tasks]'") from None
+        prompts, references = _pairs(path, prompt_field or "prompt", reference_field or "response", limit)
+        replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
+        scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
+        score = scorer(replies, [references]).score
+        examples = [
+            {"prompt": p, "reference": r, "reply": y} for p, r, y in zip(prompts, references, replies, strict=True)
+        ]
+        return TaskResult(metric, {metric: score, "n": len(prompts)}, examples)
+
+    return run
+
+
+def _exact(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+    prompts, references = _pairs(path, prompt_field or "prompt", reference_field or "response", limit)
+    replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
+    hits = [r == ref.strip() for r, ref in zip(replies, references, strict=True)]
+    examples = [{"prompt": p, "reference": r, "reply": y} for p, r, y in zip(prompts, references, replies, strict=True)]
+    return TaskResult("exact", {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits)}, examples)
+
+
+def _squad(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+    from llmmo.finetune.predict import QuestionAnswerer
+
+    questions = qa.read_squad(path)[: limit or None]
+    if (ckpt.task or {}).get("kind") == "qa":
+        predictions = QuestionAnswerer(ckpt).answer(questions, batch)
+    elif has_chat_tokens(ckpt.tokenizer):
+        prompts = [f"{q.context}\n\nQuestion: {q.question}\nAnswer:" for q in questions]
+        predictions = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
+    else:
+        raise ConfigError(
+            "squad needs a QA checkpoint (`llmmo finetune qa`) or an instruction-tuned one (`finetune sft`)"
+        )
+    scores = qa.score(questions, predictions)
+    examples = [
+        {"question": q.question, "answers": q.answers, "prediction": p}
+        for q, p in zip(questions, predictions, strict=True)
+    ]
+    return TaskResult("squad", scores, examples)
+
+
+RUNNERS: dict[str, Callable[..., TaskResult]] = {
+    "gsm8k": _gsm8k,
+    "squad": _squad,
+    "chrf": _sacrebleu("chrf"),
+    "bleu": _sacrebleu("bleu"),
+    "exact": _exact,
+}
+
+
+@torch.inference_mode()
+def run_task(
+    ckpt: Checkpoint,
+    task: str,
+    path: str | Path,
+    gen: GenerationConfig | None = None,
+    limit: int = 0,
+    batch_size: int = 16,
+    prompt_field: str = "",
+    reference_field: str = "",
+) -> TaskResult:
+    """Score `ckpt` on the task file at `path` (its first `limit` examples when > 0); greedy decoding by default."""
+    if task not in RUNNERS:
+        raise ConfigError(f"unknown task '{task}'; choose one of {list(TASKS)}")
+    if not Path(path).is_file():
+        raise DataError(f"task file '{path}' does not exist")
+    gen = gen or GenerationConfig(max_new_tokens=256, temperature=0.0)
+    return RUNNERS[task](ckpt, path, gen, limit, batch_size, prompt_field, reference_field)
+
+
+def write_examples(result: TaskResult, path: str | Path) -> None:
+    """The scored examples, one JSON object per line."""
+    lines = [json.dumps(e, ensure_ascii=False) for e in result.examples]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
