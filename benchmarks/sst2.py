@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-MODEL = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.dropout": 0.1}
+MODEL = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256}
 
 
 def llmmo(*args: str) -> None:
@@ -43,6 +43,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=3, help="the learning rate decays to --min-lr over these")
+    parser.add_argument("--min-lr", type=float, default=1e-5)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--pooling", default="mean")
     parser.add_argument("--out", default="benchmarks/results/sst2")
     args = parser.parse_args()
@@ -56,7 +60,7 @@ def main() -> None:
     corpus = out / "train-sentences.txt"
     corpus.write_text("\n".join(r.split("\t")[0].strip() for r in rows) + "\n", encoding="utf-8")
     common = {"data.path": corpus, "data.tokenizer": "bpe", "data.vocab_size": args.vocab_size,
-              "data.block_size": args.block_size} | MODEL  # fmt: skip
+              "data.block_size": args.block_size, "model.dropout": args.dropout} | MODEL  # fmt: skip
     start = time.perf_counter()
     steps = 1 if args.pretrain_minutes == 0 else 1_000_000  # fresh weights: one step only builds the folder
     llmmo("train", *options(common | {"train.max_steps": steps, "train.max_minutes": args.pretrain_minutes or 0,
@@ -67,7 +71,8 @@ def main() -> None:
     llmmo(
         "finetune", "classify", out / "base" / "ckpt-latest", "--train-file", data / "train.tsv",
         "--eval-file", data / "dev.tsv", "--text-field", "sentence", "--pooling", args.pooling,
-        *options({"train.max_minutes": args.minutes, "train.epochs": 100, "train.lr": args.lr,
+        *options({"train.max_minutes": args.minutes, "train.epochs": args.epochs, "train.lr": args.lr,
+                  "train.min_lr": args.min_lr, "train.weight_decay": args.weight_decay,
                   "train.batch_size": args.batch_size, "train.eval_every": args.eval_every,
                   "train.warmup_steps": 200, "train.out_dir": out / "finetune"}),
     )  # fmt: skip

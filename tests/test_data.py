@@ -24,6 +24,7 @@ from llmmo.data import (
     sources,
     tokenize_file,
 )
+from llmmo.data.corpus import read_documents
 from llmmo.data.sources import NamedSource, RemoteFile, pystdlib_files
 from llmmo.errors import DataError
 from llmmo.tokenizer import EOT, train_tokenizer
@@ -281,6 +282,17 @@ def test_bad_jsonl_lines_are_named_by_file_and_line(tmp_path: Path):
     path = write(tmp_path / "f.jsonl", '{"text": 3}\n')
     with pytest.raises(DataError, match=r"f\.jsonl:1: field 'text' holds a int, not text"):
         prepare_data(DataConfig(path=str(path)))
+
+
+def test_json_array_records_are_documents_and_lists_of_lines_are_joined(tmp_path: Path):
+    poems = [{"title": "a", "paragraphs": ["床前明月光，", "疑是地上霜。"]}, {"title": "b", "paragraphs": ["一二三。"]}]
+    path = write(tmp_path / "poems.json", json.dumps(poems, ensure_ascii=False))
+    assert read_documents(path, "utf-8", "paragraphs") == ["床前明月光，\n疑是地上霜。", "一二三。"]
+    with pytest.raises(DataError, match=r"poems\.json\[0\]: no field 'text'"):
+        read_documents(path, "utf-8", "text")
+    write(tmp_path / "obj.json", "{}")
+    with pytest.raises(DataError, match="one array of objects"):
+        read_documents(tmp_path / "obj.json", "utf-8", "text")
 
 
 def test_the_char_alphabet_holds_val_characters_and_other_text_is_named(tmp_path: Path):

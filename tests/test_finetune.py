@@ -3,11 +3,13 @@ metrics, and the commands (finetune, classify, chat, eval --task) on slices of t
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from llmmo import cli
@@ -112,6 +114,47 @@ def test_markers_in_content_are_refused() -> None:
         render([{"role": "robot", "content": "hi"}])
 
 
+def test_chat_session_drops_the_oldest_turns_to_fit_and_keeps_the_system_message() -> None:
+    from llmmo.finetune.chat import ChatSession
+    from llmmo.generate import GenerationConfig
+
+    tokenizer = char_tokenizer(["abcdefghij xyz."]).with_special_tokens(CHAT_TOKENS)
+    model = tiny_model(tokenizer.vocab_size, block=64).eval()
+    session = ChatSession(model, tokenizer, GenerationConfig(max_new_tokens=8, temperature=0.0), system="xyz.")
+    for _ in range(6):
+        reply = "".join(session.send("abcdefghij" * 2))
+        assert "<|" not in reply
+        ids = session.prompt_ids()
+        assert len(ids) <= 64 - 8  # room left for a reply
+    assert session.dropped > 0 and session.history[0]["role"] == "user"
+    assert tokenizer.decode(ids).startswith("<|system|>xyz.<|end|>")  # the system message stays
+    session.reset()
+    assert session.history == [] and session.dropped == 0
+    with pytest.raises(ConfigError, match="not instruction-tuned"):
+        ChatSession(model, char_tokenizer(["abc"]), GenerationConfig())
+
+
+def test_example_batches_share_one_global_batch_and_cover_an_epoch() -> None:
+    from llmmo.finetune.batches import ExampleBatches
+
+    rng = np.random.default_rng(0)
+    inputs = [list(range(1, int(n) + 1)) for n in rng.integers(1, 30, size=103)]
+    targets = np.arange(103)
+    one = ExampleBatches(inputs, targets, batch_size=8, seed=3)
+    two = [ExampleBatches(inputs, targets, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for step in range(one.optimizer_steps_per_epoch):
+        x, y = one.batch(step)
+        halves = [b.batch(step) for b in two]
+        assert torch.equal(y, torch.cat([h[1] for h in halves]))  # 2 ranks of 4 = 1 process of 8
+        lengths = (x >= 0).sum(1)
+        assert x.shape[1] == lengths.max()  # padded only to the batch's own longest example
+        assert all(x[i, : lengths[i]].tolist() == inputs[int(y[i])] for i in range(len(y)))
+        seen += y.tolist()
+    assert len(set(seen)) == len(seen) == 96  # each example at most once; 7 left over sit the epoch out
+    assert one.batch(one.optimizer_steps_per_epoch)[1].tolist() != one.batch(0)[1].tolist()  # a new order
+
+
 # ------------------------------------------------------------------------------------------- metrics
 
 
@@ -160,7 +203,7 @@ def finetune_classify(sst2: dict[str, Path], out: Path, *extra: str) -> int:
     )  # fmt: skip
 
 
-def test_classifier_learns_sentiment(sst2_slice: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_classifier_learns_sentiment(sst2_slice: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
     assert finetune_classify(sst2_slice, tmp_path / "run", "--pooling", "mean") == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 3,000 training phrases, 2 epochs of a fresh 2-layer model: well above the 50% of chance on balanced dev
@@ -177,6 +220,10 @@ def test_classifier_learns_sentiment(sst2_slice: dict[str, Path], tmp_path: Path
     assert cli.main(["classify", str(ckpt), "a gorgeous , witty , seductive movie .", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["label"] in ("0", "1") and sum(row["probabilities"].values()) == pytest.approx(1.0)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a gorgeous , witty , seductive movie .\n\nan ugly mess .\n"))
+    assert cli.main(["classify", str(ckpt)]) == 0  # one text per line from stdin, blank lines skipped
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[0] == row["label"] and lines[1].endswith("an ugly mess .")
     # the command's labels are those of the fine-tune's own evaluation
     dev = [line.split("\t")[0] for line in sst2_slice["dev"].read_text().splitlines()[1:]]
     predicted = [p.label for p in TextClassifier.load(ckpt).predict(dev)]
@@ -259,6 +306,44 @@ def test_chat_prompt_mode_and_eval_task(sft_run: dict[str, Path], capsys, tmp_pa
     assert scores["n"] == 8 and 0 <= scores["accuracy"] <= scores["format_rate"] <= 1
     examples = [json.loads(x) for x in (tmp_path / "ex.jsonl").read_text().splitlines()]
     assert len(examples) == 8 and all("reply" in e for e in examples)
+
+
+def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    base = sft_run["root"] / "base"
+    code = cli.main(
+        ["finetune", "sft", str(base), "--train-file", str(sft_run["root"] / "train.jsonl"), "--prompt-field",
+         "question", "--response-field", "answer", "--train.out_dir", str(tmp_path / "run"), "--train.max_steps",
+         "30", "--train.epochs", "0", "--train.batch_size", "8", "--train.lr", "3e-3", "--lora.r", "4"]
+    )  # fmt: skip
+    assert code == 0
+    adapter = tmp_path / "run" / "ckpt-latest"
+    tensors = safetensors.torch.load_file(str(adapter / "adapter.safetensors"))
+    assert set(k for k in tensors if not k.endswith(".rows")) == {k for k in tensors if ".lora_" in k}
+    assert tensors["tok_emb.rows"].shape == (4, 64)  # the four chat markers' embeddings (lm_head is untied: rows)
+    adapted = load_checkpoint(adapter)
+    plain = load_checkpoint(base)
+    frozen = {k.replace(".base.", "."): v for k, v in adapted.model.state_dict().items() if ".lora_" not in k}
+    for name, value in plain.model.state_dict().items():  # the base weights are the base checkpoint's
+        assert torch.equal(frozen[name][: value.shape[0]], value), name
+    # merged (adapters and rows folded in) the model computes the adapted logits
+    x = torch.tensor([encode_chat(adapted.tokenizer, CHAT)[0]])
+    expected = adapted.model(x)[0]
+    assert cli.main(["lora", "merge", str(base), str(adapter), str(tmp_path / "merged")]) == 0
+    merged = load_checkpoint(tmp_path / "merged")
+    torch.testing.assert_close(merged.model(x)[0], expected, rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["chat", str(adapter), "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "5"]) == 0
+
+
+def test_exported_chat_model_has_the_template(sft_run: dict[str, Path], tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    assert cli.main(["export", str(sft_run["ckpt"]), str(tmp_path / "hf")]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_checkpoint(sft_run["ckpt"]).tokenizer
+    ids = tokenizer.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == encode_chat(ours, CHAT, add_generation_prompt=True)[0]
+    config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == ours.hf.token_to_id(END)  # replies end where llmmo chat's do
 
 
 def test_chat_in_a_terminal(sft_run: dict[str, Path]) -> None:

@@ -21,6 +21,7 @@ from llmmo import cli
 from llmmo.checkpoint import load_checkpoint, save_checkpoint
 from llmmo.config import DataConfig, ModelConfig, load_config, resolve_model
 from llmmo.errors import InteropError
+from llmmo.finetune.chat import encode_chat
 from llmmo.generate import GenerationConfig, generate, generate_ids
 from llmmo.interop import export_hf, import_hf
 from llmmo.interop.hf_export import check_exportable, save_hf_tokenizer
@@ -447,3 +448,33 @@ def test_from_hub_without_the_network_says_what_to_do(env: dict, message: str, t
     for alternative in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "llmmo import HF_FOLDER OUT"):
         assert alternative in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@needs_transformers
+def test_an_imported_model_is_instruction_tuned_with_lora_and_exported(
+    llama_folder: Path, tmp_path: Path, capsys
+) -> None:
+    """transformers -> llmmo import -> LoRA SFT (the chat markers added to its tokenizer) -> chat -> export with
+    the chat template -> transformers gives our logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert cli.main(["import", str(llama_folder), str(tmp_path / "base")]) == 0
+    rows = [{"prompt": f"To be or not {i}?", "response": "That is the question."} for i in range(24)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = cli.main(["finetune", "sft", str(tmp_path / "base"), "--train-file", str(tmp_path / "chats.jsonl"),
+                     "--lora.r", "4", "--train.batch_size", "2", "--train.epochs", "2",
+                     "--train.out_dir", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0
+    adapter = tmp_path / "run" / "ckpt-latest"
+    assert cli.main(["chat", str(adapter), "--prompt", "To be?", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert cli.main(["export", str(adapter), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    ours = load_checkpoint(adapter)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": "To be or not?"}]
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == encode_chat(ours.tokenizer, messages, add_generation_prompt=True)[0]
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        assert max_diff(theirs(x).logits, ours.model(x)[0]) < 1e-4

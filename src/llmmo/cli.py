@@ -457,14 +457,16 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> int:
-    from llmmo.checkpoint import load_checkpoint, save_checkpoint
-    from llmmo.finetune.lora import load_adapter, merge_lora
+    from llmmo.checkpoint import save_checkpoint
+    from llmmo.finetune.lora import load_adapted, merge_lora
 
     _refuse_existing(args.out)
-    ckpt = load_checkpoint(args.base)
-    load_adapter(ckpt.model, args.adapter)
+    ckpt = load_adapted(args.adapter, base=args.base)
     merge_lora(ckpt.model)
-    save_checkpoint(args.out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=ckpt.meta.get("compression"))
+    compression = ckpt.meta.get("compression")
+    save_checkpoint(
+        args.out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=compression, task=ckpt.task, head=ckpt.head
+    )
     print(f"merged {args.adapter} into {args.base} -> {args.out}")
     return 0
 

@@ -51,6 +51,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"skipped {line}", file=sys.stderr)
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} bad rows in all", file=sys.stderr)
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     shown = {k: v for k, v in result["last_eval"].items() if k.startswith("val_")}
     print(json.dumps({"out": f"{result['out_dir']}/ckpt-best", "step": result["step"]} | shown))
     return 130 if result["interrupted"] else 0

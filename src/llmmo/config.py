@@ -303,6 +303,8 @@ def resolve_config(cfg: Config) -> Config:
     d, t = cfg.data, cfg.train
     for key in ("data.tokenizer", "train.optimizer", "train.dtype", "train.sampler", "train.parallel"):
         section, name = key.split(".")
+        if key == "data.tokenizer" and d.tokenizer == "hf":  # an imported checkpoint's own: used, never trained
+            continue
         if getattr(getattr(cfg, section), name) not in CHOICES[key]:
             raise ConfigError(f"{key} '{getattr(getattr(cfg, section), name)}' is not one of {list(CHOICES[key])}")
     if d.block_size <= 0:

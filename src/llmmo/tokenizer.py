@@ -66,6 +66,18 @@ class Tokenizer:
             return self._chars(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of `text`, and the character offset in `text` where each token starts."""
+        if self._char_ids is None:
+            encoding = self.hf.encode(text, add_special_tokens=False)
+            return encoding.ids, [start for start, _ in encoding.offsets]
+        pieces = self._specials.split(text) if self._specials is not None else [text]
+        starts, at = [], 0
+        for n, piece in enumerate(pieces):
+            starts += [at] if n % 2 else list(range(at, at + len(piece)))  # a special token, or one per character
+            at += len(piece)
+        return self.encode(text), starts
+
     def _chars(self, text: str) -> list[int]:
         unknown = set(text).difference(self._char_ids)
         if unknown:

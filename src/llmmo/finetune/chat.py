@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
 CHAT_TOKENS = (*MARKERS.values(), END)
+# `render` as a transformers chat template (Jinja), written by `llmmo export`: apply_chat_template gives our ids
+JINJA_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 
 
 def has_chat_tokens(tokenizer: Tokenizer) -> bool:
@@ -87,21 +92,23 @@ def encode_chat(
     tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation, and for each id whether it is the assistant's to learn: the
-    content of assistant messages and the `<|end|>` that closes each."""
+    content of assistant messages and the `<|end|>` that closes each.
+
+    The whole text is encoded at once (so the ids are exactly those of the rendered text, also for tokenizers
+    whose pieces depend on what precedes them, like SentencePiece's word-start marker); a token is learned when
+    it starts inside an assistant's part of the text.
+    """
     if not has_chat_tokens(tokenizer):
-        raise ConfigError("this tokenizer has no chat markers; fine-tune with `llmmo finetune sft` first")
-    _check(messages)
-    ids: list[int] = []
-    learn: list[bool] = []
+        raise ConfigError("this tokenizer has no chat markers; fine-tune it with `llmmo finetune sft` first")
+    text = render(messages, add_generation_prompt)
+    learned, at = [], 0  # character spans of the assistant's content and closing marker
     for m in messages:
-        marker = tokenizer.encode(MARKERS[m["role"]])
-        content = tokenizer.encode(m["content"]) + tokenizer.encode(END)
-        ids += marker + content
-        learn += [False] * len(marker) + [m["role"] == "assistant"] * len(content)
-    if add_generation_prompt:
-        marker = tokenizer.encode(MARKERS["assistant"])
-        ids, learn = ids + marker, learn + [False] * len(marker)
-    return ids, learn
+        at += len(MARKERS[m["role"]])
+        if m["role"] == "assistant":
+            learned.append((at, at + len(m["content"]) + len(END)))
+        at += len(m["content"]) + len(END)
+    ids, starts = tokenizer.encode_with_offsets(text)
+    return ids, [any(lo <= s < hi for lo, hi in learned) for s in starts]
 
 
 def pack(examples: Sequence[tuple[list[int], list[bool]]], block_size: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -66,6 +66,52 @@ class LoRALinear(nn.Module):
         return self.base
 
 
+class GrownEmbedding(nn.Module):
+    """A token embedding whose rows from `first` on (tokens added for fine-tuning, e.g. chat markers) train while
+    the others stay frozen: new tokens need embeddings of their own, which no low-rank update of the blocks gives
+    (PEFT's trainable_token_indices). Its `weight` is the whole matrix, as nn.Embedding's is."""
+
+    def __init__(self, base: nn.Embedding, first: int):
+        super().__init__()
+        base.requires_grad_(False)
+        self.base, self.first = base, first
+        self.rows = nn.Parameter(base.weight[first:].detach().clone())  # (new tokens, C)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base.weight[: self.first], self.rows])  # (V, C)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+class GrownHead(nn.Module):
+    """The output head of a `GrownEmbedding` model: its own trainable new rows, or, tied, the embedding's."""
+
+    def __init__(self, base: nn.Linear, first: int, tied_to: GrownEmbedding | None):
+        super().__init__()
+        base.requires_grad_(False)
+        self.base, self.first = base, first
+        self.in_features, self.out_features = base.in_features, base.out_features  # counted as a matmul
+        self._tied = [tied_to] if tied_to is not None else []  # a list: not registered twice as a submodule
+        self.rows = None if tied_to is not None else nn.Parameter(base.weight[first:].detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._tied:
+            return self._tied[0].weight
+        return torch.cat([self.base.weight[: self.first], self.rows])  # (V, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def grow_rows(model: nn.Module, first: int) -> None:
+    """Let the embedding rows (and output-head rows) of tokens `first`.. train, and only those, in place."""
+    model.tok_emb = GrownEmbedding(model.tok_emb, first)
+    model.lm_head = GrownHead(model.lm_head, first, model.tok_emb if model.cfg.tie_embeddings else None)
+
+
 def _targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     names = [
         name
@@ -91,17 +137,30 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return names
 
 
+def _is_adapter(key: str) -> bool:
+    return ".lora_" in key or key.endswith(".rows")
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors by name (what a LoRA run saves)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+    """The adapters' tensors by name (what a LoRA run saves): A and B, and the rows of added tokens."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _is_adapter(k)}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base layer (in place); the model is plain again."""
+    """Fold every adapter (and added token rows) into its base layer (in place); the model is plain again."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, m.merged())
+    if isinstance(getattr(model, "tok_emb", None), GrownEmbedding):
+        with torch.no_grad():
+            embedding, head = model.tok_emb.base, model.lm_head.base
+            embedding.weight.copy_(model.tok_emb.weight)
+            if not model.cfg.tie_embeddings:
+                head.weight.copy_(model.lm_head.weight)
+        model.tok_emb, model.lm_head = embedding, head
+        if model.cfg.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
     return model
 
 
@@ -142,7 +201,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     """Apply the adapter saved in `folder` to `model` (its base); the adapter's settings."""
     folder = Path(folder)
     meta, tensors = _read_adapter(folder)
-    tensors = {k: v for k, v in tensors.items() if ".lora_" in k}
+    tensors = {k: v for k, v in tensors.items() if _is_adapter(k)}
     cfg = LoraConfig(**{k: meta[k] for k in ("r", "alpha", "dropout", "targets") if k in meta})
     apply_lora(model, cfg)
     missing = set(adapter_state(model)) ^ set(tensors)
@@ -158,14 +217,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     return cfg
 
 
-def load_adapted(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """A LoRA fine-tune's folder as a checkpoint: its base checkpoint, the adapter applied, and the fine-tune's
-    tokenizer, task and head when it saved them."""
+def load_adapted(folder: str | Path, device: str | torch.device = "cpu", base: str | Path | None = None) -> Checkpoint:
+    """A LoRA fine-tune's folder as a checkpoint: its base checkpoint (or `base`), the adapter applied, and the
+    fine-tune's tokenizer, task and head when it saved them."""
     from llmmo.checkpoint import load_checkpoint
 
     folder = Path(folder)
     meta, tensors = _read_adapter(folder)
-    base = meta.get("base_checkpoint")
+    base = base or meta.get("base_checkpoint")
     if not base or not Path(base).is_dir():
         raise CheckpointError(
             f"the base checkpoint of the adapter in '{folder}' ({base}) is missing; put it back at that path "
@@ -174,6 +233,12 @@ def load_adapted(folder: str | Path, device: str | torch.device = "cpu") -> Chec
     ckpt = load_checkpoint(base)
     if (folder / "tokenizer.json").is_file():
         ckpt.tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    if "tok_emb.rows" in tensors:  # the fine-tune added tokens (chat markers): their rows are in the adapter
+        from llmmo.finetune.chat import resize_vocab
+
+        first = ckpt.model.cfg.vocab_size
+        resize_vocab(ckpt.model, first + len(tensors["tok_emb.rows"]))
+        grow_rows(ckpt.model, first)
     load_adapter(ckpt.model, folder)
     ckpt.model.to(device).eval()
     ckpt.task = meta.get("task")

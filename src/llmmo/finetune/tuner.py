@@ -31,9 +31,9 @@ from llmmo.data import PreparedData
 from llmmo.errors import ConfigError, DataError
 from llmmo.finetune import qa
 from llmmo.finetune.batches import ExampleBatches, eval_batches
-from llmmo.finetune.chat import add_chat_tokens, encode_chat, has_chat_tokens, pack
+from llmmo.finetune.chat import add_chat_tokens, encode_chat, pack
 from llmmo.finetune.heads import POOLING, Classifier, SpanExtractor
-from llmmo.finetune.lora import LoraConfig, apply_lora, save_adapter
+from llmmo.finetune.lora import LoraConfig, apply_lora, grow_rows, save_adapter
 from llmmo.finetune.metrics import classification_scores, confusion_matrix
 from llmmo.finetune.taskdata import read_conversations, read_labelled
 from llmmo.tokenizer import Tokenizer
@@ -107,6 +107,10 @@ class FineTuner(Trainer):
         if ckpt.meta.get("compression"):
             raise ConfigError(f"'{base}' is compressed; fine-tune the checkpoint it was compressed from")
         self.ft, self.base = ft, Path(base)
+        self.skipped: list[str] = []  # "file:line: why" of the bad rows left out
+        self.notes: list[str] = []  # what else was changed in the data (examples cut to max_len, ...)
+        torch.manual_seed(cfg.train.seed)  # the head's and the adapters' initial weights
+        base_vocab = ckpt.model.cfg.vocab_size
         self.tokenizer = self._tokenizer(ckpt)
         self.backbone = ckpt.model.train()
         block = self.backbone.cfg.block_size
@@ -114,7 +118,12 @@ class FineTuner(Trainer):
         if self.max_len > block:
             raise ConfigError(f"--max-len {self.max_len} exceeds the model's block_size {block}")
         if ft.lora is not None:
+            grown = self.backbone.cfg.vocab_size > base_vocab
+            if grown and "lm_head" in ft.lora.targets:
+                raise ConfigError("tokens were added (chat markers): their output rows train instead of lm_head's LoRA")
             apply_lora(self.backbone, ft.lora)  # before the head: the head stays trainable
+            if grown:  # the added tokens' embeddings train too, and are saved with the adapters
+                grow_rows(self.backbone, base_vocab)
         cfg = copy.deepcopy(cfg)
         cfg.data = copy.deepcopy(ckpt.data)
         self.train_set, self.eval_set = self._examples(cfg.train.seed)
@@ -187,17 +196,24 @@ class ClassifyTuner(FineTuner):
         ft = self.ft
         train = read_labelled(ft.train_file, ft.text_field, ft.label_field, None, ft.encoding, ft.skip_bad_rows)
         self.labels, self.skipped = train.names, list(train.skipped)
-        ids = [row[: self.max_len] for row in self.tokenizer.encode_batch(train.texts)]
+        ids = self._cut(self.tokenizer.encode_batch(train.texts), "training texts")
         labels = np.asarray(train.labels, dtype=np.int64)
         if ft.eval_file:
             held = read_labelled(
                 ft.eval_file, ft.text_field, ft.label_field, self.labels, ft.encoding, ft.skip_bad_rows
             )
             self.skipped += held.skipped
-            eval_ids = [row[: self.max_len] for row in self.tokenizer.encode_batch(held.texts)]
+            eval_ids = self._cut(self.tokenizer.encode_batch(held.texts), "eval texts")
             return (ids, labels), (eval_ids, np.asarray(held.labels, dtype=np.int64))
         keep, out = _split(len(ids), ft.eval_fraction, seed)
         return ([ids[i] for i in keep], labels[keep]), ([ids[i] for i in out], labels[out])
+
+    def _cut(self, rows: list[list[int]], what: str) -> list[list[int]]:
+        """Texts longer than max_len keep their first max_len tokens (noted)."""
+        long = sum(len(r) > self.max_len for r in rows)
+        if long:
+            self.notes.append(f"{long} {what} longer than {self.max_len} tokens keep their first {self.max_len}")
+        return [r[: self.max_len] for r in rows]
 
     def _wrap(self, backbone: nn.Module) -> nn.Module:
         return Classifier(backbone, len(self.labels), self.ft.pooling)
@@ -220,12 +236,6 @@ class SFTTuner(FineTuner):
     kind = "sft"
 
     def _tokenizer(self, ckpt: Checkpoint) -> Tokenizer:
-        if self.ft.lora is not None and not has_chat_tokens(ckpt.tokenizer):
-            raise ConfigError(
-                "LoRA trains adapters only, and this base checkpoint's tokenizer lacks the chat markers, whose new "
-                "embeddings would need training; fine-tune it fully once (without --lora.*), or LoRA-tune a "
-                "checkpoint that has them"
-            )
         return add_chat_tokens(ckpt.model, ckpt.tokenizer)
 
     def _rows(self, path: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -233,11 +243,11 @@ class SFTTuner(FineTuner):
         chats = read_conversations(path, ft.prompt_field, ft.response_field, ft.encoding, ft.skip_bad_rows)
         self.skipped += chats.skipped
         x, y, cut = pack([encode_chat(self.tokenizer, c) for c in chats.conversations], self.max_len)
-        self.cut += cut
+        if cut:
+            self.notes.append(f"{cut} conversations of {path} longer than {self.max_len + 1} tokens were cut")
         return x, y, len(chats.conversations)
 
     def _examples(self, seed: int):
-        self.skipped, self.cut = [], 0
         x, y, self.n_conversations = self._rows(self.ft.train_file)
         if self.ft.eval_file:
             ex, ey, _ = self._rows(self.ft.eval_file)
@@ -268,7 +278,9 @@ class QATuner(FineTuner):
         else:
             keep, out = _split(len(questions), self.ft.eval_fraction, seed)
             questions, self.eval_questions = [questions[i] for i in keep], [questions[i] for i in out]
-        inputs, spans, self.dropped = qa.encode_training(self.tokenizer, questions, self.max_len)
+        inputs, spans, dropped = qa.encode_training(self.tokenizer, questions, self.max_len)
+        if dropped:
+            self.notes.append(f"{dropped} training questions whose answer ends past {self.max_len} tokens left out")
         eval_inputs = [qa.encode_question(self.tokenizer, q, self.max_len) for q in self.eval_questions]
         return (inputs, spans), (eval_inputs, None)
 
@@ -298,4 +310,4 @@ def finetune(cfg: Config, ft: FinetuneConfig, base: str | Path, reporter: Report
     ft.validate()
     tuner = TUNERS[ft.task](cfg, ft, base, reporter)
     result = tuner.run()
-    return asdict(result) | {"skipped": getattr(tuner, "skipped", []), "out_dir": str(result.out_dir)}
+    return asdict(result) | {"skipped": tuner.skipped, "notes": tuner.notes, "out_dir": str(result.out_dir)}

@@ -28,6 +28,8 @@ from llmmo.checkpoint import Checkpoint, load_checkpoint
 from llmmo.config import ModelConfig
 from llmmo.errors import InteropError
 from llmmo.fileio import atomic_folder
+from llmmo.finetune.chat import END, JINJA_TEMPLATE, has_chat_tokens
+from llmmo.finetune.lora import LoRALinear, merge_lora
 from llmmo.interop.hf_weights import parse_size, save_hf_tensors, to_hf_tensors
 from llmmo.tokenizer import EOS, EOT, HF, UNK, Tokenizer
 
@@ -95,12 +97,13 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
 def token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
     """bos/eos/pad ids for config.json and generation_config.json. eos is the token `llmmo generate` stops at
     (bpe and hf: end of text; char and word: none, as a word tokenizer's <eos> ends only a line), so that
-    transformers' generate() stops where ours does."""
+    transformers' generate() stops where ours does; an instruction-tuned model's replies end at `<|end|>`."""
     roles = special_tokens(tokenizer)
     vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
+    eos = tokenizer.eot_id if tokenizer.kind in ("bpe", HF) else None
     return {
         "bos_token_id": vocab.get(roles.get("bos_token", "")),
-        "eos_token_id": tokenizer.eot_id if tokenizer.kind in ("bpe", HF) else None,
+        "eos_token_id": vocab[END] if has_chat_tokens(tokenizer) else eos,
         "pad_token_id": vocab.get(roles.get("pad_token", "")),
     }
 
@@ -168,6 +171,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, model_max_length: int)
         "model_max_length": model_max_length,
         **special_tokens(tokenizer),
     }
+    if has_chat_tokens(tokenizer):  # an instruction-tuned model: its template, for apply_chat_template
+        config["chat_template"] = JINJA_TEMPLATE
     tokenizer.save(folder / "tokenizer.json")
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return ["tokenizer.json", "tokenizer_config.json"]
@@ -200,6 +205,8 @@ def export_hf(
 
         # transformers' classes have no int4 or factorized layers: the weights they stand for, in float
         ckpt = dataclasses.replace(ckpt, model=densify(ckpt.model))
+    if any(isinstance(m, LoRALinear) for m in ckpt.model.modules()):  # a LoRA fine-tune: adapters folded in
+        ckpt = dataclasses.replace(ckpt, model=merge_lora(ckpt.model))
     check_exportable(ckpt.model.cfg)
     if ckpt.tokenizer.vocab_size > ckpt.model.cfg.vocab_size:
         raise InteropError(

@@ -172,6 +172,7 @@ class Trainer:
         self.token_bytes = self.data.tokenizer.token_bytes()
 
         self.sampler = self._make_sampler()
+        # a step's tokens when every row is a full window (fine-tunes count each batch's own length instead)
         self.tokens_per_step = t.batch_size * t.grad_accum * self.world.size * self.cfg.data.block_size
         self.total_steps = self._total_steps()
         self.flops_per_token = self.model.flops_per_token()
@@ -368,10 +369,11 @@ class Trainer:
         lr = lr_at(self.step, t, self.total_steps)
         for group in self.optimizer.param_groups:  # the schedule scales each group's own peak lr
             group["lr"] = group["base_lr"] * lr / t.lr
-        loss_sum = 0.0
+        loss_sum, tokens = 0.0, 0
         time_up = t.max_minutes > 0 and self.elapsed() >= 60 * t.max_minutes
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step, micro)
+            tokens += x.numel()  # block_size per row for windows; a task batch's own (padded) length
             x, y = x.to(self.device), y.to(self.device)
             with gradient_sync(self.forward, enabled=micro == t.grad_accum - 1):
                 with self.autocast:
@@ -387,7 +389,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += self.tokens_per_step
+        self.tokens += tokens * self.world.size
         return {"train_loss": loss_sum / t.grad_accum, "lr": lr, "grad_norm": grad_norm}
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -433,8 +435,9 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         with self._ctrl_c_stops_after_the_step(), contextlib.closing(self.metrics):
             while self._budget_left() and not self.stop_requested:
+                tokens_before = self.tokens
                 record = self.train_step()
-                window_tokens += self.tokens_per_step
+                window_tokens += self.tokens - tokens_before
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     record |= {"tok_per_s": window_tokens / max(now - window_start, 1e-9)}

@@ -1,0 +1,92 @@
+"""GSM8K instruction tuning: does a small model learn to answer in GSM8K's format, and how often is it right?
+
+    python -m benchmarks.gsm8k_sft [--pretrain-minutes 8] [--sft-minutes 10] [--questions 200]
+
+Steps, all through the llmmo CLI, on ../shared/data/gsm8k:
+1. `llmmo train`: a byte-level BPE and a language model pretrained on the train split's questions and answers as
+   plain text (no chat template);
+2. `llmmo finetune sft`: the chat template, loss on the answers only, packed rows, on the same train split;
+3. `llmmo eval --task gsm8k` on the first --questions of the held-out test split, greedy: the share of replies
+   that end in `#### <number>` (format_rate) and the share whose number is right (accuracy).
+Writes result.json, and examples.jsonl with every reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL = {"model.family": "llama", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256}
+
+
+def llmmo(*args: object, capture: bool = False) -> str:
+    proc = subprocess.run([sys.executable, "-m", "llmmo", *map(str, args)], check=True, text=True,
+                          stdout=subprocess.PIPE if capture else None)  # fmt: skip
+    return proc.stdout or ""
+
+
+def options(values: dict) -> list[str]:
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pretrain-minutes", type=float, default=8.0)
+    parser.add_argument("--sft-minutes", type=float, default=10.0)
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--out", default="benchmarks/results/gsm8k-sft")
+    args = parser.parse_args()
+    data = Path(os.environ.get("LLMMO_DATA_DIR", "../shared/data")) / "gsm8k"
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    corpus = out / "train.jsonl"  # one document per problem: question and worked answer
+    corpus.write_text("".join(json.dumps({"text": f"{r['question']}\n{r['answer']}"}) + "\n" for r in rows))
+    start = time.perf_counter()
+    llmmo("train", *options({"data.path": corpus, "data.tokenizer": "bpe", "data.vocab_size": 4096,
+                             "data.block_size": args.block_size, "data.val_fraction": 0.02, "train.max_steps": 100000,
+                             "train.max_minutes": args.pretrain_minutes, "train.batch_size": 8, "train.lr": 2e-3,
+                             "train.min_lr": 2e-4, "train.warmup_steps": 100, "train.eval_every": 500,
+                             "train.eval_batches": 10, "train.out_dir": out / "base"} | MODEL))  # fmt: skip
+    pretrain_s = time.perf_counter() - start
+    start = time.perf_counter()
+    llmmo("finetune", "sft", out / "base" / "ckpt-latest", "--train-file", data / "train.jsonl",
+          "--prompt-field", "question", "--response-field", "answer", "--eval-fraction", "0.02",
+          *options({"train.max_minutes": args.sft_minutes, "train.epochs": 100, "train.batch_size": 8,
+                    "train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_steps": 50, "train.eval_every": 200,
+                    "train.out_dir": out / "sft"}))  # fmt: skip
+    sft_s = time.perf_counter() - start
+    test = out / "test.jsonl"
+    lines = (data / "test.jsonl").read_text(encoding="utf-8").splitlines()[: args.questions]
+    test.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    start = time.perf_counter()
+    scores = json.loads(llmmo("eval", out / "sft" / "ckpt-latest", "--task", "gsm8k", "--file", test,
+                              "--max-new-tokens", 300, "--batch-size", 16, "--examples", out / "examples.jsonl",
+                              capture=True))  # fmt: skip
+    eval_s = time.perf_counter() - start
+    sft_evals = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    result = {
+        "format_rate": scores["format_rate"],
+        "accuracy": scores["accuracy"],
+        "questions": scores["n"],
+        "pretrain_s": round(pretrain_s, 1),
+        "sft_s": round(sft_s, 1),
+        "eval_s": round(eval_s, 1),
+        "sft_val_loss": [round(r["val_loss"], 4) for r in sft_evals],
+        "settings": vars(args) | MODEL,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
