@@ -3,7 +3,7 @@
     python -m benchmarks.sst2 [--minutes 20] [--pretrain-minutes 0] [--out benchmarks/results/sst2]
 
 Steps, all through the llmmo CLI:
-1. a byte-level BPE tokenizer trained on the train sentences;
+1. a tokenizer (byte-level BPE, or words) trained on the train sentences;
 2. the base model: fresh weights (--pretrain-minutes 0), or a language model pretrained by `llmmo train` on the
    train sentences for that long (no labels; dev is never seen);
 3. `llmmo finetune classify` on train.tsv, evaluated on dev.tsv every --eval-every steps, stopped by
@@ -38,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=20.0, help="the fine-tuning budget")
     parser.add_argument("--pretrain-minutes", type=float, default=0.0, help="0: start from fresh weights")
+    parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "word"])
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -59,7 +60,7 @@ def main() -> None:
     rows = (data / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     corpus = out / "train-sentences.txt"
     corpus.write_text("\n".join(r.split("\t")[0].strip() for r in rows) + "\n", encoding="utf-8")
-    common = {"data.path": corpus, "data.tokenizer": "bpe", "data.vocab_size": args.vocab_size,
+    common = {"data.path": corpus, "data.tokenizer": args.tokenizer, "data.vocab_size": args.vocab_size,
               "data.block_size": args.block_size, "model.dropout": args.dropout} | MODEL  # fmt: skip
     start = time.perf_counter()
     steps = 1 if args.pretrain_minutes == 0 else 1_000_000  # fresh weights: one step only builds the folder

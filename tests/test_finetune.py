@@ -17,6 +17,7 @@ from llmmo.checkpoint import load_checkpoint, save_checkpoint
 from llmmo.config import DataConfig, ModelConfig, resolve_model
 from llmmo.errors import CheckpointError, ConfigError, DataError
 from llmmo.finetune.chat import CHAT_TOKENS, END, add_chat_tokens, encode_chat, pack, render, resize_vocab
+from llmmo.finetune.lora import LoraConfig
 from llmmo.finetune.metrics import (
     classification_scores,
     confusion_matrix,
@@ -25,6 +26,7 @@ from llmmo.finetune.metrics import (
     squad_f1,
 )
 from llmmo.finetune.predict import TextClassifier
+from llmmo.finetune.tuner import ClassifyTuner, FinetuneConfig, SFTTuner, finetune_defaults
 from llmmo.model import Transformer
 from llmmo.tokenizer import Tokenizer, char_tokenizer, train_tokenizer
 
@@ -62,8 +64,8 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(kind: str) -> None:
     expected = tokenizer.encode("4") + end + tokenizer.encode("It is 6.") + end
     assert learned == expected
     # packed for training, the targets are the learned tokens and nothing else
-    x, y, cut = pack([(ids, learn)], block_size=len(ids) - 1)
-    assert cut == 0 and x.shape == (1, len(ids) - 1)
+    x, y, cut, dropped = pack([(ids, learn)], block_size=len(ids) - 1)
+    assert cut == dropped == 0 and x.shape == (1, len(ids) - 1)
     assert [t for t in y[0] if t >= 0] == expected
     assert (x[0] == ids[:-1]).all()
 
@@ -73,9 +75,10 @@ def test_pack_keeps_examples_whole_and_cuts_long_ones() -> None:
         ([1, 2, 3], [False, True, True]),
         ([4, 5, 6, 7], [False, False, True, True]),
         (list(range(20)), [True] * 20),
+        ([9] * 12, [False] * 10 + [True] * 2),  # its reply lies past the cut: nothing left to learn
     ]
-    x, y, cut = pack(examples, block_size=7)
-    assert cut == 1  # the 20-token example is cut to 8
+    x, y, cut, dropped = pack(examples, block_size=7)
+    assert cut == 2 and dropped == 1 and len(x) == 2  # the 20- and 12-token examples are cut to 8
     assert x[0].tolist() == [1, 2, 3, 4, 5, 6, 0] and y[0].tolist() == [2, 3, -1, -1, 6, 7, -1]
     assert x[1].tolist() == list(range(7)) and y[1].tolist() == list(range(1, 8))
 
@@ -165,7 +168,9 @@ def test_squad_metric_matches_hand_checked_values() -> None:
     assert squad_f1("Broncos won", ["Denver Broncos"]) == pytest.approx(0.5)  # P 1/2, R 1/2
     assert squad_f1("in 1990.", ["1990"]) == pytest.approx(2 / 3)  # P 1/2, R 1
     assert squad_f1("a", ["the"]) == 0.0  # both normalise to nothing: no common token
-    assert squad_f1("北京大学", ["北京"]) == pytest.approx(2 / 3)  # by character: P 2/4, R 2/2
+    assert squad_f1("Zürich", ["Zürich, Switzerland"]) == pytest.approx(2 / 3)  # P 1, R 1/2: words, as official
+    assert squad_f1("café", ["cafés"]) == 0.0
+    assert squad_f1("北京大学", ["北京"]) == pytest.approx(2 / 3)  # CJK by character (MLQA): P 2/4, R 2/2
 
 
 def test_classification_scores_and_gsm8k_extraction() -> None:
@@ -232,23 +237,31 @@ def test_classifier_learns_sentiment(sst2_slice: dict[str, Path], tmp_path: Path
     assert accuracy == pytest.approx(summary["val_accuracy"])
 
 
-def test_lora_classifier_saves_adapters_and_head_only(sst2_slice: dict[str, Path], tmp_path: Path, capsys) -> None:
-    base = load_checkpoint(sst2_slice["base"])
-    assert finetune_classify(sst2_slice, tmp_path / "lora", "--lora.r", "4", "--lora.targets", "attn.qkv,mlp.up") == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k and not k.endswith(".rows")}
+
+
+def test_lora_classifier_trains_and_saves_adapters_and_head_only(sst2_slice: dict[str, Path], tmp_path: Path) -> None:
+    cfg = finetune_defaults()
+    cfg.train.out_dir, cfg.train.epochs, cfg.train.lr = str(tmp_path / "lora"), 2, 2e-3
+    lora = LoraConfig(r=4, targets=["attn.qkv", "mlp.up"])
+    ft = FinetuneConfig("classify", str(sst2_slice["train"]), str(sst2_slice["dev"]), text_field="sentence", lora=lora)
+    tuner = ClassifyTuner(cfg, ft, sst2_slice["base"])
+    trainable = {n for n, p in tuner.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in tuner.model.named_parameters() if ".lora_" in n or n.startswith("head.")}
+    before = frozen_state(tuner.model.backbone)
+    result = tuner.run()
+    after = frozen_state(tuner.model.backbone)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base weights never moved
     adapter = tmp_path / "lora" / "ckpt-latest"
-    assert (adapter / "adapter.safetensors").stat().st_size < 0.05 * (
-        sst2_slice["base"] / "model.safetensors"
-    ).stat().st_size
-    # the base checkpoint is untouched, and the adapter folder loads as a checkpoint of base + adapters + head
-    reloaded = load_checkpoint(sst2_slice["base"])
-    for k, v in base.model.state_dict().items():
-        assert torch.equal(v, reloaded.model.state_dict()[k])
+    base_bytes = (sst2_slice["base"] / "model.safetensors").stat().st_size
+    assert (adapter / "adapter.safetensors").stat().st_size < 0.05 * base_bytes
+    # the adapter folder loads as a checkpoint of base + adapters + head, which labels as the run evaluated
     classifier = TextClassifier.load(adapter)
     dev = [line.split("\t") for line in sst2_slice["dev"].read_text().splitlines()[1:]]
     predicted = [p.label for p in classifier.predict([t for t, _ in dev])]
     accuracy = np.mean([p == label for p, (_, label) in zip(predicted, dev, strict=True)])
-    assert accuracy == pytest.approx(summary["val_accuracy"])
+    assert accuracy == pytest.approx(result.last_eval["val_accuracy"])
 
 
 def test_classify_refuses_what_it_cannot_use(sst2_slice: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -310,21 +323,27 @@ def test_chat_prompt_mode_and_eval_task(sft_run: dict[str, Path], capsys, tmp_pa
 
 def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path], tmp_path: Path, capsys) -> None:
     base = sft_run["root"] / "base"
-    code = cli.main(
-        ["finetune", "sft", str(base), "--train-file", str(sft_run["root"] / "train.jsonl"), "--prompt-field",
-         "question", "--response-field", "answer", "--train.out_dir", str(tmp_path / "run"), "--train.max_steps",
-         "30", "--train.epochs", "0", "--train.batch_size", "8", "--train.lr", "3e-3", "--lora.r", "4"]
-    )  # fmt: skip
-    assert code == 0
+    cfg = finetune_defaults()
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.epochs = str(tmp_path / "run"), 30, 0
+    cfg.train.batch_size, cfg.train.lr = 8, 3e-3
+    train = str(sft_run["root"] / "train.jsonl")
+    ft = FinetuneConfig("sft", train, prompt_field="question", response_field="answer", lora=LoraConfig(r=4))
+    tuner = SFTTuner(cfg, ft, base)
+    trainable = {n for n, p in tuner.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in tuner.model.named_parameters() if ".lora_" in n} | {
+        "tok_emb.rows",
+        "lm_head.rows",
+    }
+    before = frozen_state(tuner.model)
+    rows_before = tuner.model.tok_emb.rows.detach().clone()
+    tuner.run()
+    after = frozen_state(tuner.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base weights never moved
+    assert not torch.equal(rows_before, tuner.model.tok_emb.rows)  # the chat markers' embeddings learned
     adapter = tmp_path / "run" / "ckpt-latest"
     tensors = safetensors.torch.load_file(str(adapter / "adapter.safetensors"))
-    assert set(k for k in tensors if not k.endswith(".rows")) == {k for k in tensors if ".lora_" in k}
     assert tensors["tok_emb.rows"].shape == (4, 64)  # the four chat markers' embeddings (lm_head is untied: rows)
     adapted = load_checkpoint(adapter)
-    plain = load_checkpoint(base)
-    frozen = {k.replace(".base.", "."): v for k, v in adapted.model.state_dict().items() if ".lora_" not in k}
-    for name, value in plain.model.state_dict().items():  # the base weights are the base checkpoint's
-        assert torch.equal(frozen[name][: value.shape[0]], value), name
     # merged (adapters and rows folded in) the model computes the adapted logits
     x = torch.tensor([encode_chat(adapted.tokenizer, CHAT)[0]])
     expected = adapted.model(x)[0]

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from llmmo.errors import ConfigError
+from llmmo.errors import ConfigError, LlmmoError
 
 
 def _lora_config(args: argparse.Namespace):
@@ -139,7 +139,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         dropped = session.dropped
         sys.stdout.write("assistant> ")
-        _reply(session, text, show_speed=True)
+        try:
+            _reply(session, text, show_speed=True)
+        except LlmmoError as e:  # e.g. a chat marker typed in the message: say so, and keep chatting
+            print(f"\n(error: {e})", file=sys.stderr)
+            continue
         if session.dropped > dropped:
             print(f"({session.dropped - dropped} earlier messages no longer fit the context)", file=sys.stderr)
 

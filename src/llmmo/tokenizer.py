@@ -66,17 +66,17 @@ class Tokenizer:
             return self._chars(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """The ids of `text`, and the character offset in `text` where each token starts."""
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text`, and the (start, end) character offsets in `text` of each token."""
         if self._char_ids is None:
             encoding = self.hf.encode(text, add_special_tokens=False)
-            return encoding.ids, [start for start, _ in encoding.offsets]
+            return encoding.ids, list(encoding.offsets)
         pieces = self._specials.split(text) if self._specials is not None else [text]
-        starts, at = [], 0
-        for n, piece in enumerate(pieces):
-            starts += [at] if n % 2 else list(range(at, at + len(piece)))  # a special token, or one per character
+        offsets, at = [], 0
+        for n, piece in enumerate(pieces):  # a special token, or one token per character
+            offsets += [(at, at + len(piece))] if n % 2 else [(i, i + 1) for i in range(at, at + len(piece))]
             at += len(piece)
-        return self.encode(text), starts
+        return self.encode(text), offsets
 
     def _chars(self, text: str) -> list[int]:
         unknown = set(text).difference(self._char_ids)

@@ -19,7 +19,7 @@ from typing import Any
 
 # Bump when the text a split stands for, or how its tokens are joined, changes: old cache entries are then
 # never read again (they are keyed by this too).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: .json files holding an array of records are read as records
 
 
 def cache_dir() -> Path:

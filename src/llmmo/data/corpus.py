@@ -213,9 +213,9 @@ def read_text(path: Path, encoding: str) -> str:
 
 
 def read_documents(path: Path, encoding: str, text_field: str) -> list[str]:
-    """The `text_field` of each record of a .jsonl file (one JSON object per line) or of a .json file (an array of
-    objects); any other file's whole text as one document. A field holding a list of strings (a poem's lines) is
-    joined with newlines."""
+    """The `text_field` of each record of a .jsonl file (one JSON object per line) or of a .json file that holds an
+    array of objects; any other file's whole text as one document. A field holding a list of strings (a poem's
+    lines) is joined with newlines."""
     text = read_text(path, encoding)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json"):
@@ -224,12 +224,10 @@ def read_documents(path: Path, encoding: str, text_field: str) -> list[str]:
     if suffix == ".json":
         try:
             tree = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json corpus is one array of objects"
-            ) from None
-        if not isinstance(tree, list):
-            raise DataError(f"'{path}' holds a JSON {type(tree).__name__}; a .json corpus is one array of objects")
+        except json.JSONDecodeError:
+            tree = None
+        if not isinstance(tree, list):  # not an array of records (a config, metadata): plain text, as before
+            return [text]
         records = [(f"{path}[{i}]", record) for i, record in enumerate(tree)]
     for lineno, line in enumerate(text.split("\n") if suffix == ".jsonl" else [], start=1):
         if not line.strip():

@@ -107,24 +107,29 @@ def encode_chat(
         if m["role"] == "assistant":
             learned.append((at, at + len(m["content"]) + len(END)))
         at += len(m["content"]) + len(END)
-    ids, starts = tokenizer.encode_with_offsets(text)
-    return ids, [any(lo <= s < hi for lo, hi in learned) for s in starts]
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return ids, [any(lo <= start < hi for lo, hi in learned) for start, _ in offsets]
 
 
-def pack(examples: Sequence[tuple[list[int], list[bool]]], block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+def pack(examples: Sequence[tuple[list[int], list[bool]]], block_size: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Training rows (x, y), each (N, block_size), from (ids, learn) examples packed whole, in order, into rows
     of block_size + 1 tokens (sequence packing, as in T5 and most SFT recipes: no compute spent on padding).
 
     y[i] is the token after x[i] where that token is learned, else -1; padding is x 0, y -1. An example that does
-    not fit one row is cut to its first block_size + 1 tokens; the count of cut examples is returned too.
+    not fit one row is cut to its first block_size + 1 tokens; one left with nothing to learn (its answer was
+    cut off) is dropped, since a batch of such rows would have no loss at all. Returns x, y and the counts of
+    cut and of dropped examples.
     """
     rows: list[tuple[list[int], list[bool]]] = []
     ids: list[int] = []
     learn: list[bool] = []
-    cut = 0
+    cut = dropped = 0
     for example_ids, example_learn in examples:
         if len(example_ids) > block_size + 1:
             example_ids, example_learn, cut = example_ids[: block_size + 1], example_learn[: block_size + 1], cut + 1
+        if not any(example_learn[1:]):  # only tokens after the first are targets
+            dropped += 1
+            continue
         if len(ids) + len(example_ids) > block_size + 1:
             rows.append((ids, learn))
             ids, learn = [], []
@@ -138,7 +143,7 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], block_size: int) -> t
         x[r, :n] = row_ids[:-1]
         targets = np.asarray(row_ids[1:])
         y[r, :n] = np.where(np.asarray(row_learn[1:]), targets, -1)
-    return x, y, cut
+    return x, y, cut, dropped
 
 
 class ChatSession:
@@ -182,8 +187,9 @@ class ChatSession:
         """Add the user's message and stream the assistant's reply, which joins the history when it ends."""
         from llmmo.generate import stream_ids
 
-        self.history.append({"role": "user", "content": text})
-        _check(self.history[-1:])
+        message = {"role": "user", "content": text}
+        _check([message])  # before it joins the history: a refused message leaves the conversation as it was
+        self.history.append(message)
         reply = []
         for pieces in stream_ids(self.model, self.tokenizer, [self.prompt_ids()], self.gen, self.end_id):
             reply.append(pieces[0])

@@ -236,9 +236,8 @@ def load_adapted(folder: str | Path, device: str | torch.device = "cpu", base: s
     if "tok_emb.rows" in tensors:  # the fine-tune added tokens (chat markers): their rows are in the adapter
         from llmmo.finetune.chat import resize_vocab
 
-        first = ckpt.model.cfg.vocab_size
-        resize_vocab(ckpt.model, first + len(tensors["tok_emb.rows"]))
-        grow_rows(ckpt.model, first)
+        resize_vocab(ckpt.model, ckpt.tokenizer.vocab_size)  # as the fine-tune did (no-op for padded rows)
+        grow_rows(ckpt.model, ckpt.model.cfg.vocab_size - len(tensors["tok_emb.rows"]))
     load_adapter(ckpt.model, folder)
     ckpt.model.to(device).eval()
     ckpt.task = meta.get("task")

@@ -2,8 +2,8 @@
 
 An example's input is the question then the context (a causal model must read the question before the context
 it answers about). Question tokens are stored as -2 - id, so that `SpanExtractor` knows them without another
-tensor; the answer is a span of context tokens. For training, the context is encoded in three pieces (before the
-answer, the answer, after it) so that the answer's span lies exactly on token boundaries.
+tensor; the answer is the span of context tokens that overlap its characters. The context is encoded whole, in
+training as in prediction, so the model learns on the tokens it will see.
 """
 
 from __future__ import annotations
@@ -85,14 +85,14 @@ def encode_training(
         if q.context[start : start + len(answer)] != answer:
             raise DataError(f"question {q.id}: answer {answer!r} is not at answer_start {start} of its context")
         question = _question_ids(tokenizer, q)[: max_len // 2]
-        before, span = tokenizer.encode(q.context[:start]), tokenizer.encode(answer)
-        ids = question + before + span + tokenizer.encode(q.context[start + len(answer) :])
-        first = len(question) + len(before)
-        if first + len(span) > max_len or not span:
+        context, offsets = tokenizer.encode_with_offsets(q.context)
+        end = start + len(answer)
+        inside = [i for i, (lo, hi) in enumerate(offsets) if lo < end and hi > start]  # tokens overlapping it
+        if not inside or len(question) + inside[-1] >= max_len:
             dropped += 1
             continue
-        inputs.append(ids[:max_len])
-        spans.append((first, first + len(span) - 1))
+        inputs.append((question + context)[:max_len])
+        spans.append((len(question) + inside[0], len(question) + inside[-1]))
     if not inputs:
         raise DataError(f"no answer fits within --max-len {max_len} tokens; raise it")
     return inputs, np.asarray(spans, dtype=np.int64), dropped

@@ -33,7 +33,7 @@ from llmmo.finetune import qa
 from llmmo.finetune.batches import ExampleBatches, eval_batches
 from llmmo.finetune.chat import add_chat_tokens, encode_chat, pack
 from llmmo.finetune.heads import POOLING, Classifier, SpanExtractor
-from llmmo.finetune.lora import LoraConfig, apply_lora, grow_rows, save_adapter
+from llmmo.finetune.lora import LoraConfig, apply_lora, grow_rows, merge_lora, save_adapter
 from llmmo.finetune.metrics import classification_scores, confusion_matrix
 from llmmo.finetune.taskdata import read_conversations, read_labelled
 from llmmo.tokenizer import Tokenizer
@@ -87,6 +87,8 @@ def finetune_defaults() -> Config:
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train / held-out indices of n examples."""
+    if n == 0:
+        raise DataError("the training file holds no usable examples; check its format and fields")
     order = np.random.default_rng((seed, 7)).permutation(n)
     held = max(1, round(n * fraction))
     if n - held < 1:
@@ -103,14 +105,17 @@ class FineTuner(Trainer):
         ft.validate()
         if cfg.train.resume:
             raise ConfigError("a fine-tune does not resume (its checkpoints hold no optimizer state); start it again")
+        if cfg.train.parallel == "fsdp":
+            raise ConfigError("fine-tunes replicate the model over processes: use --train.parallel ddp (the default)")
         ckpt = load_checkpoint(base)
         if ckpt.meta.get("compression"):
             raise ConfigError(f"'{base}' is compressed; fine-tune the checkpoint it was compressed from")
+        merge_lora(ckpt.model)  # a LoRA fine-tune as the base: its adapters folded in, a plain model again
         self.ft, self.base = ft, Path(base)
         self.skipped: list[str] = []  # "file:line: why" of the bad rows left out
         self.notes: list[str] = []  # what else was changed in the data (examples cut to max_len, ...)
         torch.manual_seed(cfg.train.seed)  # the head's and the adapters' initial weights
-        base_vocab = ckpt.model.cfg.vocab_size
+        base_vocab = ckpt.tokenizer.vocab_size  # tokens added from here on (the model's rows may be padded)
         self.tokenizer = self._tokenizer(ckpt)
         self.backbone = ckpt.model.train()
         block = self.backbone.cfg.block_size
@@ -118,7 +123,7 @@ class FineTuner(Trainer):
         if self.max_len > block:
             raise ConfigError(f"--max-len {self.max_len} exceeds the model's block_size {block}")
         if ft.lora is not None:
-            grown = self.backbone.cfg.vocab_size > base_vocab
+            grown = self.tokenizer.vocab_size > base_vocab
             if grown and "lm_head" in ft.lora.targets:
                 raise ConfigError("tokens were added (chat markers): their output rows train instead of lm_head's LoRA")
             apply_lora(self.backbone, ft.lora)  # before the head: the head stays trainable
@@ -127,10 +132,12 @@ class FineTuner(Trainer):
         cfg = copy.deepcopy(cfg)
         cfg.data = copy.deepcopy(ckpt.data)
         self.train_set, self.eval_set = self._examples(cfg.train.seed)
-        start = Checkpoint(self._wrap(self.backbone), self.tokenizer, ckpt.data, ckpt.meta)
-        super().__init__(cfg, reporter, start=start)
-        if self.world.size > 1 and self.cfg.train.parallel == "fsdp" and self.model is not self.backbone:
-            raise ConfigError("a task head reads the backbone past FSDP's root; fine-tune with --train.parallel ddp")
+        model = self._wrap(self.backbone)
+        if model is not self.backbone and not self.backbone.cfg.tie_embeddings:
+            # a task head never reads the output head: frozen, it takes no optimizer state, and DDP expects no
+            # gradient for it
+            self.backbone.lm_head.requires_grad_(False)
+        super().__init__(cfg, reporter, start=Checkpoint(model, self.tokenizer, ckpt.data, ckpt.meta))
 
     # --- what each task defines
     def _tokenizer(self, ckpt: Checkpoint) -> Tokenizer:
@@ -176,14 +183,15 @@ class FineTuner(Trainer):
     @torch.inference_mode()
     def _eval_outputs(self, inputs: list, reduce: Callable[[torch.Tensor, np.ndarray], list]) -> list:
         """`reduce(logits, indices)` of every batch of eval inputs (grouped by length), as one list in the order
-        of `inputs`."""
+        of `inputs`. The logits are float32 on the model's device: a reduction keeps them there when they are
+        large (a language model's (B, T, V))."""
         was_training = self.model.training
         self.model.eval()
         out: list = [None] * len(inputs)
         for chosen, x in eval_batches(inputs, 2 * self.cfg.train.batch_size):
             with self.autocast:
                 logits, _ = self.model(x.to(self.device))
-            for i, value in zip(chosen, reduce(logits.float().cpu(), chosen), strict=True):
+            for i, value in zip(chosen, reduce(logits.float(), chosen), strict=True):
                 out[i] = value
         self.model.train(was_training)
         return out
@@ -223,7 +231,7 @@ class ClassifyTuner(FineTuner):
 
     def validate(self) -> dict[str, Any]:
         inputs, labels = self.eval_set
-        logits_t = torch.stack(self._eval_outputs(inputs, lambda logits, _: list(logits)))  # (N, K)
+        logits_t = torch.stack(self._eval_outputs(inputs, lambda logits, _: list(logits.cpu())))  # (N, K)
         truth = torch.from_numpy(labels)
         loss = F.cross_entropy(logits_t, truth).item()
         confusion = confusion_matrix(truth.numpy(), logits_t.argmax(-1).numpy(), len(self.labels))
@@ -242,9 +250,13 @@ class SFTTuner(FineTuner):
         ft = self.ft
         chats = read_conversations(path, ft.prompt_field, ft.response_field, ft.encoding, ft.skip_bad_rows)
         self.skipped += chats.skipped
-        x, y, cut = pack([encode_chat(self.tokenizer, c) for c in chats.conversations], self.max_len)
+        x, y, cut, dropped = pack([encode_chat(self.tokenizer, c) for c in chats.conversations], self.max_len)
         if cut:
             self.notes.append(f"{cut} conversations of {path} longer than {self.max_len + 1} tokens were cut")
+        if dropped:
+            self.notes.append(f"{dropped} conversations of {path} left out: no reply within {self.max_len + 1} tokens")
+        if len(x) == 0:
+            raise DataError(f"no conversation of '{path}' has a reply within {self.max_len + 1} tokens")
         return x, y, len(chats.conversations)
 
     def _examples(self, seed: int):
@@ -260,7 +272,7 @@ class SFTTuner(FineTuner):
         inputs, targets = self.eval_set
 
         def row_nats(logits: torch.Tensor, chosen: np.ndarray) -> list[float]:  # logits (B, T, V)
-            y = torch.from_numpy(targets[chosen])
+            y = torch.from_numpy(targets[chosen]).to(logits.device)
             return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none").sum(1).tolist()
 
         nats = sum(self._eval_outputs(inputs, row_nats))
@@ -294,7 +306,7 @@ class QATuner(FineTuner):
         inputs, _ = self.eval_set
 
         def spans(logits: torch.Tensor, chosen: np.ndarray) -> list[str]:  # logits (B, 2, T)
-            return [qa.best_span(self.tokenizer, inputs[i], lg) for i, lg in zip(chosen, logits, strict=True)]
+            return [qa.best_span(self.tokenizer, inputs[i], lg) for i, lg in zip(chosen, logits.cpu(), strict=True)]
 
         predictions = self._eval_outputs(inputs, spans)
         scores = qa.score(self.eval_questions, predictions)
