@@ -58,3 +58,15 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         "| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, f in columns) + " |" for r in rows
     ]
     return "\n".join([head, rule, *body])
+
+
+def llmmo(*args: object, capture: bool = False) -> str:
+    """Run `python -m llmmo args` (failing loudly); its stdout when `capture`, else it goes to the terminal."""
+    proc = subprocess.run([sys.executable, "-m", "llmmo", *map(str, args)], check=True, text=True,
+                          stdout=subprocess.PIPE if capture else None)  # fmt: skip
+    return proc.stdout or ""
+
+
+def options(values: dict) -> list[str]:
+    """{"train.lr": 1e-3} -> ["--train.lr", "0.001"]."""
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]

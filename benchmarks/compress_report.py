@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from benchmarks.common import llmmo
 
 SHAPE = {
     "data.source": "tinyshakespeare",
@@ -26,10 +26,6 @@ SHAPE = {
     "train.eval_batches": 20,
     "train.log_every": 50,
 }
-
-
-def llmmo(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "llmmo", *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:

@@ -17,22 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import llmmo, options
+
 MODEL = {"model.family": "llama", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256}
-
-
-def llmmo(*args: object, capture: bool = False) -> str:
-    proc = subprocess.run([sys.executable, "-m", "llmmo", *map(str, args)], check=True, text=True,
-                          stdout=subprocess.PIPE if capture else None)  # fmt: skip
-    return proc.stdout or ""
-
-
-def options(values: dict) -> list[str]:
-    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
 
 def main() -> None:

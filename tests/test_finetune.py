@@ -235,6 +235,11 @@ def test_classifier_learns_sentiment(sst2_slice: dict[str, Path], tmp_path: Path
     truth = [line.split("\t")[1] for line in sst2_slice["dev"].read_text().splitlines()[1:]]
     accuracy = np.mean([p == t for p, t in zip(predicted, truth, strict=True)])
     assert accuracy == pytest.approx(summary["val_accuracy"])
+    capsys.readouterr()
+    assert cli.main(["eval", str(ckpt), "--task", "classify", "--file", str(sst2_slice["dev"]), "--prompt-field",
+                     "sentence"]) == 0  # fmt: skip
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["accuracy"] == pytest.approx(accuracy) and scores["confusion"] == summary["val_confusion"]
 
 
 def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -583,13 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("task evaluation (generation and scoring of a task file)")
     t.add_argument(
         "--task",
-        choices=["gsm8k", "squad", "chrf", "bleu", "exact"],
-        help="gsm8k: '#### N' answers; squad: EM/F1; chrf, bleu: sacrebleu; exact: exact match",
+        choices=["gsm8k", "squad", "chrf", "bleu", "exact", "classify"],
+        help="gsm8k: '#### N' answers; squad: EM/F1; chrf, bleu: sacrebleu; exact: exact match; classify: accuracy",
     )
     t.add_argument("--limit", type=at_least(0), default=0, help="score the first N examples; 0: all (default: 0)")
     t.add_argument("--max-new-tokens", type=at_least(1), default=256, help="per reply, greedy (default: 256)")
-    t.add_argument("--prompt-field", help="JSONL field of the prompt (default: question for gsm8k, else prompt)")
-    t.add_argument("--reference-field", help="JSONL field of the reference (default: answer for gsm8k, else response)")
+    t.add_argument(
+        "--prompt-field", help="field of the prompt (default: question for gsm8k, text for classify, else prompt)"
+    )
+    t.add_argument(
+        "--reference-field",
+        help="field of the reference (default: answer for gsm8k, label for classify, else response)",
+    )
     t.add_argument("--examples", metavar="FILE", help="write each example, reply and score to this JSONL file")
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_eval)

@@ -7,6 +7,9 @@
   exact match and F1 with the official normalisation.
 - chrf / bleu: JSONL prompt/reference pairs (translation-style); sacrebleu's corpus chrF or BLEU of the replies.
 - exact: JSONL prompt/reference pairs; exact match of the stripped reply.
+- classify: a labelled TSV/CSV/JSONL file through a classification checkpoint; accuracy, macro-F1, confusion.
+
+The fields holding the prompt and the reference are named by option (for classify: the text and the label).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from llmmo.errors import ConfigError, DataError
 from llmmo.finetune import qa
 from llmmo.finetune.chat import END, encode_chat, has_chat_tokens
 from llmmo.finetune.metrics import extract_final_number, same_number
-from llmmo.finetune.taskdata import read_conversations
+from llmmo.finetune.taskdata import read_conversations, read_labelled
 from llmmo.generate import GenerationConfig, stream_ids
 
-TASKS = ("gsm8k", "squad", "chrf", "bleu", "exact")
+TASKS = ("gsm8k", "squad", "chrf", "bleu", "exact", "classify")
 
 
 @dataclass
@@ -127,7 +130,24 @@ def _squad(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> Task
     return TaskResult("squad", scores, examples)
 
 
+def _classify(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+    from llmmo.finetune.metrics import classification_scores, confusion_matrix
+    from llmmo.finetune.predict import TextClassifier
+
+    classifier = TextClassifier(ckpt)
+    data = read_labelled(path, prompt_field or "text", reference_field or "label", classifier.labels)
+    texts, labels = data.texts[: limit or None], data.labels[: limit or None]
+    predictions = classifier.predict(texts, batch_size=max(batch, 64))
+    predicted = [classifier.labels.index(p.label) for p in predictions]
+    confusion = confusion_matrix(labels, predicted, len(classifier.labels))
+    scores = classification_scores(confusion) | {"confusion": confusion.tolist(), "n": len(texts)}
+    examples = [{"text": t, "label": classifier.labels[y], "predicted": p.label, "probabilities": p.probabilities}
+                for t, y, p in zip(texts, labels, predictions, strict=True)]  # fmt: skip
+    return TaskResult("classify", scores, examples)
+
+
 RUNNERS: dict[str, Callable[..., TaskResult]] = {
+    "classify": _classify,
     "gsm8k": _gsm8k,
     "squad": _squad,
     "chrf": _sacrebleu("chrf"),
