@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the test, lint and benchmark tools (pytest, hypothesis, ruff, transformers, matplotlib)
+# the test, lint and benchmark tools (pytest, hypothesis, ruff, transformers, matplotlib, the serving stack)
+# (and Debian's chromium for the chat page's browser test, when it can be installed here)
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev]"
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && \
+		apt-get install -y -q chromium >/dev/null; }; }; } || \
+		echo "chromium is not installed: the browser test skips (fails under CI=true); apt-get install chromium"
 	touch $@
 
 demo: install

@@ -15,7 +15,7 @@ from llmmo.config import ModelConfig, resolve_model
 from llmmo.errors import ConfigError, DataError
 from llmmo.generate import (
     GenerationConfig,
-    _RowText,
+    RowText,
     apply_repetition_penalty,
     compile_decoder,
     generate,
@@ -325,7 +325,7 @@ def decode_until_stop(ids: list[int], stops: list[str]) -> str:
 )
 def test_incremental_text_equals_whole_decodes_for_any_tokens(ids, stops):
     # any byte tokens, invalid UTF-8 included, fed one by one as stream does (the private class stream uses)
-    row = _RowText(BPE_FOR_PROPERTY, BPE_FOR_PROPERTY.encode("ab你"), tuple(stops))
+    row = RowText(BPE_FOR_PROPERTY, BPE_FOR_PROPERTY.encode("ab你"), tuple(stops))
     pieces = []
     for t in ids:
         pieces.append(row.push(t))

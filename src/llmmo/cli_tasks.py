@@ -148,6 +148,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"({session.dropped - dropped} earlier messages no longer fit the context)", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from llmmo.serve.app import ServeConfig, create_app
+    except ImportError as e:
+        raise ConfigError(
+            f"llmmo serve needs the serve extra ({e.name} is missing): pip install 'llmmo[serve]'"
+        ) from None
+    from pathlib import Path
+
+    from llmmo.checkpoint import load_checkpoint
+    from llmmo.train import pick_device
+
+    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    path = Path(args.checkpoint).resolve()
+    name = args.model_name or (path.parent.name if path.name.startswith("ckpt-") else path.name)
+    cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.request_timeout)
+    print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{args.port}/ (chat page at /)", file=sys.stderr)
+    uvicorn.run(create_app(ckpt, cfg), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from llmmo.cli import _add_config_options, at_least
 
@@ -208,3 +231,21 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--seed", type=int, default=None, help="(default: random)")
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "serve", parents=[common], allow_abbrev=False, help="an OpenAI-compatible HTTP server with a chat page",
+        description="Serve a checkpoint: /v1/models, /v1/completions, /v1/chat/completions (stream: server-sent "
+        "events), /health, /metrics, and a chat page at /. Needs: pip install 'llmmo[serve]'.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="a checkpoint folder (chat needs one from `llmmo finetune sft`)")
+    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    p.add_argument("--port", type=at_least(0), default=8000, help="(default: 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: none)")
+    p.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--max-queue", type=at_least(1), default=64, help="waiting requests; more get 429 (default: 64)")
+    p.add_argument(
+        "--request-timeout", type=float, default=120.0, help="seconds of generation per request (default: 120)"
+    )
+    p.add_argument("--model-name", help="the name clients pass as model (default: the run folder's name)")
+    p.add_argument("--device", default="auto", help="(default: auto)")
+    p.set_defaults(func=cmd_serve)

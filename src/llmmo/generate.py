@@ -194,28 +194,36 @@ def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
             )
 
 
-class _Decoder:
+class BatchDecoder:
     """One batch being decoded: every row's tokens so far, the KV cache, and which rows have finished.
 
     Each `step` computes the logits of the tokens added by the step before (so no forward pass is spent after
-    the last step), picks one token per row and appends it.
+    the last step), picks one token per row and appends it. One GenerationConfig serves every row; a list of
+    them (a server's requests decoded together) gives each row its own sampling, seed and token budget.
     """
 
     def __init__(
         self,
         model: nn.Module,
         prompts: Sequence[Sequence[int]],
-        gen: GenerationConfig,
+        gen: GenerationConfig | Sequence[GenerationConfig],
         eos_id: int | None,
         vocab_size: int | None = None,
     ):
-        gen.validate()  # a config mutated after construction is checked again
+        self.gens = [gen] * len(prompts) if isinstance(gen, GenerationConfig) else list(gen)
+        if len(self.gens) != len(prompts):
+            raise ConfigError(f"{len(self.gens)} generation configs for {len(prompts)} prompts; give one per prompt")
+        for g in self.gens:
+            g.validate()  # a config mutated after construction is checked again
+        self.per_row = not isinstance(gen, GenerationConfig)
+        gen = self.gens[0] if prompts else GenerationConfig()
         # ids at and above the tokenizer's size (a model whose vocabulary is padded, e.g. to a multiple of 64)
         # stand for no text: they are never picked
         self.vocab_size = vocab_size
         _check_prompts(model, prompts)
         param = next(model.parameters())
         self.model, self.gen, self.eos_id = model, gen, eos_id
+        self.max_new_tokens = max(g.max_new_tokens for g in self.gens)
         self.device, self.dtype = param.device, param.dtype
         self.block_size = model.cfg.block_size
         self.rows = [list(p) for p in prompts]  # prompt + completion of every row
@@ -223,18 +231,22 @@ class _Decoder:
         self.steps = 0
         self.cache: KVCache | None = None
         self.last: torch.Tensor | None = None  # (B, 1) tokens picked by the previous step, fed to the cache next
-        self.generator = None
-        if gen.seed is not None:
-            self.generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        self.new_tokens = [0] * len(self.rows)
+        # one random stream for the batch from a shared config's seed; with a config per row, one per seeded row
+        self.generators = [self._generator(g.seed) for g in self.gens] if self.per_row else []
+        self.generator = None if self.per_row else self._generator(gen.seed)
         self.seen = None  # (B, V) tokens of the prompt and output, for the repetition penalty
-        if gen.repetition_penalty != 1:
+        if any(g.repetition_penalty != 1 for g in self.gens):
             self.seen = torch.zeros(len(self.rows), model.cfg.vocab_size, dtype=torch.bool, device=self.device)
             for b, row in enumerate(self.rows):
                 self.seen[b, torch.tensor(row, device=self.device)] = True
 
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+
     @property
     def finished(self) -> bool:
-        return self.steps >= self.gen.max_new_tokens or all(self.done)
+        return self.steps >= self.max_new_tokens or all(self.done)
 
     def finish(self, row: int) -> None:
         """End a row early (a stop string was found in its text); it yields None from now on."""
@@ -246,7 +258,12 @@ class _Decoder:
         logits = self._logits_with_cache() if self.gen.use_cache else self._logits_without_cache()
         if self.vocab_size is not None and self.vocab_size < logits.size(-1):
             logits[:, self.vocab_size :] = float("-inf")
-        tokens = sample_next(logits, self.gen, self.seen, self.generator)
+        if self.per_row:
+            seen = [None if self.seen is None else self.seen[b : b + 1] for b in range(len(self.rows))]
+            picks = zip(self.gens, seen, self.generators, strict=True)
+            tokens = torch.cat([sample_next(logits[b : b + 1], *pick) for b, pick in enumerate(picks)])
+        else:
+            tokens = sample_next(logits, self.gen, self.seen, self.generator)
         self.last = tokens[:, None]
         out: list[int | None] = []
         for b, t in enumerate(tokens.tolist()):
@@ -255,9 +272,10 @@ class _Decoder:
                 continue
             self.rows[b].append(t)
             out.append(t)
+            self.new_tokens[b] += 1
             if self.seen is not None:
                 self.seen[b, t] = True
-            if t == self.eos_id:
+            if t == self.eos_id or self.new_tokens[b] >= self.gens[b].max_new_tokens:
                 self.done[b] = True
         self.steps += 1
         return out
@@ -267,7 +285,7 @@ class _Decoder:
         contexts = [row[-window:] for row in self.rows]
         ids, pad = _left_pad(contexts, self.device)
         # room for the tokens still to be fed (the last pick is never fed), at most block_size positions
-        to_feed = self.gen.max_new_tokens - self.steps - 1
+        to_feed = self.max_new_tokens - self.steps - 1
         max_len = min(self.block_size, ids.size(1) + to_feed)
         self.cache = KVCache(self.model.cfg, len(self.rows), max_len, pad=pad, device=self.device, dtype=self.dtype)
         logits, _ = self.model(ids, kv_cache=self.cache)
@@ -300,7 +318,7 @@ class _Decoder:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off while generating; the model's previous mode comes back when generation ends or is closed."""
     was_training = model.training
     model.eval()
@@ -310,8 +328,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _run(model: nn.Module, decoder: _Decoder) -> Iterator[list[int | None]]:
-    with _eval_mode(model):
+def _run(model: nn.Module, decoder: BatchDecoder) -> Iterator[list[int | None]]:
+    with eval_mode(model):
         while not decoder.finished:
             yield decoder.step()
 
@@ -332,7 +350,7 @@ def generate_ids(
     gives alone (greedy decoding does, within block_size; see the module's docstring).
     """
     gen = gen if gen is not None else GenerationConfig()
-    decoder = _Decoder(model, prompts, gen, eos_id)
+    decoder = BatchDecoder(model, prompts, gen, eos_id)
     return _run(model, decoder)
 
 
@@ -355,7 +373,7 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return 0
 
 
-class _RowText:
+class RowText:
     """Turns one row's new tokens into pieces of text whose concatenation is the row's completion.
 
     Decoding is incremental (as in Hugging Face TGI): the tokens since `prefix` are decoded, and the part after
@@ -371,6 +389,7 @@ class _RowText:
         self.prefix_text = tokenizer.decode(self.ids)
         self.held = ""  # decoded text not given out yet: it may be the start of a stop string
         self.done = False
+        self.stopped = False  # ended by a stop string
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now certain ("" when nothing is)."""
@@ -396,7 +415,7 @@ class _RowText:
         text = self.held + piece
         cut = _find_stop(text, self.stop)
         if cut is not None:
-            self.done, self.held = True, ""
+            self.done, self.stopped, self.held = True, True, ""
             return text[:cut]
         # Nothing given out so far ends with a stop string's start (else it would be held), so a stop string
         # can only begin within `text`: searching held + piece is enough.
@@ -445,24 +464,27 @@ def stream_ids(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
-    gen: GenerationConfig | None = None,
+    gen: GenerationConfig | Sequence[GenerationConfig] | None = None,
     eos_id: int | None = None,
 ) -> Iterator[list[str]]:
-    """`stream` for prompts already tokenized (a chat template's ids), ending each row at `eos_id`."""
+    """`stream` for prompts already tokenized (a chat template's ids), ending each row at `eos_id`. `gen` may be
+    one config for every row or one per row (sampling, seed, token budget and stop strings of its own)."""
     gen = gen if gen is not None else GenerationConfig()
     prompts = [list(p) for p in prompts]
-    decoder = _Decoder(model, prompts, gen, eos_id, vocab_size=tokenizer.vocab_size)
-    rows = [_RowText(tokenizer, p, gen.stop) for p in prompts]
+    decoder = BatchDecoder(model, prompts, gen, eos_id, vocab_size=tokenizer.vocab_size)
+    rows = [RowText(tokenizer, p, g.stop) for p, g in zip(prompts, decoder.gens, strict=True)]
     return _stream_text(model, decoder, rows, eos_id)
 
 
-def _stream_text(model: nn.Module, decoder: _Decoder, rows: list[_RowText], eos_id: int | None) -> Iterator[list[str]]:
+def _stream_text(
+    model: nn.Module, decoder: BatchDecoder, rows: list[RowText], eos_id: int | None
+) -> Iterator[list[str]]:
     with contextlib.closing(_run(model, decoder)) as steps:  # closing this stream closes the steps (eval mode)
         yield from _pieces(steps, decoder, rows, eos_id)
 
 
 def _pieces(
-    steps: Iterator[list[int | None]], decoder: _Decoder, rows: list[_RowText], eos_id: int | None
+    steps: Iterator[list[int | None]], decoder: BatchDecoder, rows: list[RowText], eos_id: int | None
 ) -> Iterator[list[str]]:
     for tokens in steps:
         pieces = []
@@ -470,7 +492,10 @@ def _pieces(
             if token is None:
                 pieces.append("")
                 continue
-            pieces.append(row.finish() if token == eos_id else row.push(token))
+            piece = row.finish() if token == eos_id else row.push(token)
+            if decoder.done[b] and not row.done:  # the row's own token budget is spent: out with what is held
+                piece += row.finish()
+            pieces.append(piece)
             if row.done:
                 decoder.finish(b)
         if decoder.finished:  # out of tokens: give out what was held back

@@ -1,0 +1,401 @@
+"""The HTTP server: an OpenAI-compatible API over the batching engine, Prometheus metrics, and a chat page.
+
+    GET  /v1/models              the served model
+    POST /v1/completions         text completion (stream: server-sent events in OpenAI's chunk format)
+    POST /v1/chat/completions    chat, in the checkpoint's chat template (llmmo finetune sft)
+    GET  /health                 liveness
+    GET  /metrics                Prometheus text format
+    GET  /                       the chat page
+    GET  /openapi.json           the schema of all of the above
+
+Every error is OpenAI's JSON body ({"error": {"message", "type", "param", "code"}}) with its status: 400
+malformed body or unusable input, 401 bad API key, 404 unknown model, 413 prompt longer than the context, 422
+a field of the wrong type or out of range, 429 queue full, 504 nothing generated before the request's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmmo.checkpoint import Checkpoint
+from llmmo.errors import LlmmoError
+from llmmo.finetune.chat import END, MARKERS, encode_chat, has_chat_tokens
+from llmmo.generate import GenerationConfig
+from llmmo.serve import schemas
+from llmmo.serve.engine import Engine, QueueFull
+from llmmo.serve.engine import Request as EngineRequest
+
+
+@dataclass
+class ServeConfig:
+    model_name: str  # what clients pass as "model"
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    max_batch: int = 8  # requests decoded together
+    max_queue: int = 64  # requests waiting; more are refused with 429
+    request_timeout_s: float = 120.0  # a request's generation stops after this long (finish_reason "length")
+    default_max_tokens: int = 256
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.body = (
+            status,
+            schemas.ErrorBody(error=schemas.ErrorDetail(message=message, type=kind, param=param, code=code)),
+        )
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.ErrorBody, "description": text}
+    for status, text in {
+        400: "Malformed body or unusable input",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Prompt longer than the model's context",
+        422: "A field of the wrong type or out of range",
+        429: "Too many requests waiting",
+        504: "Nothing generated before the request's timeout",
+    }.items()
+}
+SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body.model_dump(), status_code=error.status)
+
+
+class Metrics:
+    """Prometheus series of one server (its own registry, so that several apps in one process do not clash)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("llmmo_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.latency = Histogram(
+            "llmmo_request_latency_seconds",
+            "Request latency (to the last byte)",
+            ["path"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "llmmo_time_to_first_token_seconds",
+            "From arrival to the first text",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.prompt_tokens = Counter("llmmo_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("llmmo_completion_tokens", "Tokens generated", registry=r)
+        Gauge("llmmo_queue_depth", "Requests waiting", registry=r).set_function(lambda: engine.stats.waiting)
+        finished = Gauge("llmmo_finished_requests", "Generations ended, by why", ["reason"], registry=r)
+        for reason in ("stop", "length", "cancelled"):
+            finished.labels(reason).set_function(lambda reason=reason: engine.stats.finished.get(reason, 0))
+        Gauge("llmmo_running_requests", "Requests being decoded", registry=r).set_function(lambda: engine.stats.running)
+
+
+def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
+    """The FastAPI app serving `ckpt`; its engine thread runs while the app does (lifespan)."""
+    tokenizer, model = ckpt.tokenizer, ckpt.model
+    block = model.cfg.block_size
+    chat = has_chat_tokens(tokenizer)
+    eos_id = tokenizer.eot_id if tokenizer.kind in ("bpe", "hf") else None
+    engine = Engine(model, tokenizer, eos_id, cfg.max_batch, cfg.max_queue)
+    metrics = Metrics(engine)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(
+        title="llmmo", version="1", lifespan=lifespan, description="An OpenAI-compatible API for an llmmo checkpoint."
+    )
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            return _error_response(APIError(400, f"the body is not valid JSON: {first.get('msg')}"))
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error_response(APIError(422, f"{param or 'body'}: {first.get('msg')}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        response = _error_response(APIError(e.status_code, str(e.detail), kind="invalid_request_error"))
+        response.headers.update(e.headers or {})  # 405's Allow header (RFC 9110)
+        return response
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = request.scope.get("route").path if request.scope.get("route") else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    def authorize(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+            raise APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    def check_model(name: str) -> None:
+        if name != cfg.model_name:
+            raise APIError(
+                404,
+                f"model '{name}' does not exist; this server serves '{cfg.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def generation(
+        body: schemas.Sampling, max_tokens: int | None, extra_stop: tuple[str, ...] = ()
+    ) -> GenerationConfig:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > schemas.MAX_STOP or any(not s for s in stop):
+            raise APIError(422, f"stop: at most {schemas.MAX_STOP} non-empty strings", param="stop")
+        max_tokens = max_tokens or min(cfg.default_max_tokens, block)
+        if max_tokens > block:
+            raise APIError(422, f"max_tokens: at most {block} (the model's context)", param="max_tokens")
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=(*stop, *extra_stop),
+        )
+
+    def prompt_ids(encode, text_for_error: str) -> list[int]:
+        try:
+            ids = encode()
+        except LlmmoError as e:
+            raise APIError(400, str(e), param=text_for_error) from None
+        if not ids:
+            if tokenizer.eot_id is None:
+                raise APIError(
+                    400,
+                    "the prompt is empty and this tokenizer has no end-of-text token to start from",
+                    param=text_for_error,
+                )
+            ids = [tokenizer.eot_id]
+        if len(ids) >= block:
+            raise APIError(
+                413,
+                f"the prompt has {len(ids)} tokens; the model's context holds {block}, including the reply: shorten it",
+                param=text_for_error,
+                code="context_length_exceeded",
+            )
+        return ids
+
+    async def run(ids: list[int], gen: GenerationConfig) -> tuple[EngineRequest, asyncio.Queue]:
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request = EngineRequest(
+            ids,
+            gen,
+            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            deadline=time.monotonic() + cfg.request_timeout_s,
+        )
+        try:
+            engine.submit(request)
+        except QueueFull as e:
+            raise APIError(
+                429, f"the server is busy ({e}); retry later", "rate_limit_error", code="queue_full"
+            ) from None
+        return request, events
+
+    async def events_of(request: EngineRequest, events: asyncio.Queue) -> AsyncIterator[dict]:
+        """The engine's events for one request; a client that goes away cancels it (its row ends)."""
+        first = True
+        try:
+            while True:
+                event = await events.get()
+                if "error" in event:
+                    raise APIError(500, f"generation failed: {event['error']}", "server_error")
+                if first and "text" in event:
+                    metrics.first_token.observe(time.monotonic() - request.submitted)
+                    first = False
+                yield event
+                if "finish_reason" in event:
+                    metrics.prompt_tokens.inc(event["prompt_tokens"])
+                    metrics.completion_tokens.inc(event["completion_tokens"])
+                    return
+        finally:
+            request.cancel()  # no-op once finished; frees the row when the client has gone
+
+    def usage(done: dict) -> schemas.Usage:
+        p, c = done["prompt_tokens"], done["completion_tokens"]
+        return schemas.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    async def collect(request: EngineRequest, events: asyncio.Queue, http: Request) -> tuple[str, dict]:
+        text, done = [], {}
+        waiter = asyncio.ensure_future(_cancel_when_gone(http, request))
+        try:
+            async for event in events_of(request, events):
+                text.append(event.get("text", ""))
+                done = event if "finish_reason" in event else done
+        finally:
+            waiter.cancel()
+        if done.get("finish_reason") == "length" and not text and done.get("completion_tokens") == 0:
+            raise APIError(504, "nothing was generated before the request's timeout", "timeout_error")
+        return "".join(text), done
+
+    def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def finish(reason: str) -> str:
+        return "stop" if reason == "stop" else "length"
+
+    responses = {**ERRORS, 200: {"content": SSE, "description": "JSON, or server-sent events when stream is true"}}
+
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=ERRORS, dependencies=[Depends(authorize)])
+    async def models() -> schemas.ModelList:
+        return schemas.ModelList(data=[schemas.ModelCard(id=cfg.model_name, created=created)])
+
+    @app.post(
+        "/v1/completions", response_model=schemas.Completion, responses=responses, dependencies=[Depends(authorize)]
+    )
+    async def completions(body: schemas.CompletionRequest, http: Request):
+        check_model(body.model)
+        gen = generation(body, body.max_tokens)
+        ids = prompt_ids(lambda: tokenizer.encode(body.prompt) if body.prompt else [], "prompt")
+        request, events = await run(ids, gen)
+        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+
+            async def chunks() -> AsyncIterator[dict]:
+                async for event in events_of(request, events):
+                    reason = finish(event["finish_reason"]) if "finish_reason" in event else None
+                    yield {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": now,
+                        "model": cfg.model_name,
+                        "choices": [
+                            {"index": 0, "text": event.get("text", ""), "finish_reason": reason, "logprobs": None}
+                        ],
+                    }
+
+            return sse(chunks())
+        text, done = await collect(request, events, http)
+        choice = schemas.CompletionChoice(index=0, text=text, finish_reason=finish(done["finish_reason"]))
+        return schemas.Completion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=schemas.ChatCompletion,
+        responses=responses,
+        dependencies=[Depends(authorize)],
+    )
+    async def chat_completions(body: schemas.ChatRequest, http: Request):
+        check_model(body.model)
+        if not chat:
+            raise APIError(
+                400,
+                f"'{cfg.model_name}' was not instruction-tuned (its tokenizer has no chat template); "
+                "use /v1/completions, or serve a checkpoint from `llmmo finetune sft`",
+            )
+        gen = generation(body, body.max_completion_tokens or body.max_tokens, (*MARKERS.values(), END))
+        messages = [m.model_dump() for m in body.messages]
+        ids = prompt_ids(lambda: encode_chat(tokenizer, messages, add_generation_prompt=True)[0], "messages")
+        request, events = await run(ids, gen)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+
+            async def chunks() -> AsyncIterator[dict]:
+                head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_name}
+                yield head | {
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+                }
+                async for event in events_of(request, events):
+                    if "finish_reason" in event:
+                        yield head | {
+                            "choices": [{"index": 0, "delta": {}, "finish_reason": finish(event["finish_reason"])}]
+                        }
+                    elif event.get("text"):
+                        yield head | {
+                            "choices": [{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}]
+                        }
+
+            return sse(chunks())
+        text, done = await collect(request, events, http)
+        choice = schemas.ChatChoice(
+            index=0, message=schemas.ReplyMessage(content=text), finish_reason=finish(done["finish_reason"])
+        )
+        return schemas.ChatCompletion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": cfg.model_name}
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get(
+        "/", response_class=HTMLResponse, responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
+    )
+    async def page() -> HTMLResponse:
+        html = resources.files("llmmo.serve").joinpath("chat.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", cfg.model_name))
+
+    app.state.engine, app.state.metrics = engine, metrics
+    return app
+
+
+async def _cancel_when_gone(http: Request, request: EngineRequest) -> None:
+    """Poll for the client's disconnect while a non-streamed request is decoded; cancel its row if it left."""
+    while not request.cancelled.is_set():
+        if await http.is_disconnected():
+            request.cancel()
+            return
+        await asyncio.sleep(0.25)
