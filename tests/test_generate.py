@@ -23,6 +23,7 @@ from llmmo.generate import (
     process_logits,
     sample_next,
     stream,
+    stream_ids,
     top_k_filter,
     top_p_filter,
 )
@@ -185,6 +186,27 @@ def test_same_seed_same_text_and_different_seeds_differ():
     assert generate(model, CHAR, prompts, GenerationConfig(max_new_tokens=30, seed=2)) != first
     no_cache = GenerationConfig(max_new_tokens=30, seed=1, use_cache=False)
     assert generate(model, CHAR, prompts, no_cache) == generate(model, CHAR, prompts, no_cache)
+
+
+def test_a_config_per_row_gives_each_row_what_it_gives_alone():
+    """A server's batch: each row its own sampling, seed, budget and stop strings."""
+    model = tiny()
+    prompts = [CHAR.encode(p) for p in ("hello", "the", "hel")]
+    gens = [
+        GenerationConfig(max_new_tokens=0),  # nothing at all
+        GenerationConfig(max_new_tokens=7, seed=3, top_k=5),
+        greedy(max_new_tokens=12, stop=("l",)),
+    ]
+    rows = [[] for _ in prompts]
+    for pieces in stream_ids(model, CHAR, prompts, gens):
+        for row, piece in zip(rows, pieces, strict=True):
+            row.append(piece)
+    texts = ["".join(r) for r in rows]
+    assert texts[0] == ""
+    alone = [generate(model, CHAR, [p], g)[0] for p, g in zip(["the", "hel"], gens[1:], strict=True)]
+    assert texts[1:] == alone  # seeded row: its own stream; greedy row: cut at its own stop string
+    ids = collect(generate_ids(model, prompts, gens))
+    assert [len(r) for r in ids][:2] == [0, 7]  # each row's own budget
 
 
 def test_top_k_1_and_a_tiny_top_p_equal_greedy():

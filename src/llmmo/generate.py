@@ -227,7 +227,7 @@ class BatchDecoder:
         self.device, self.dtype = param.device, param.dtype
         self.block_size = model.cfg.block_size
         self.rows = [list(p) for p in prompts]  # prompt + completion of every row
-        self.done = [False] * len(self.rows)
+        self.done = [g.max_new_tokens == 0 for g in self.gens]  # a row with no budget yields nothing
         self.steps = 0
         self.cache: KVCache | None = None
         self.last: torch.Tensor | None = None  # (B, 1) tokens picked by the previous step, fed to the cache next
@@ -337,17 +337,18 @@ def _run(model: nn.Module, decoder: BatchDecoder) -> Iterator[list[int | None]]:
 def generate_ids(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
-    gen: GenerationConfig | None = None,
+    gen: GenerationConfig | Sequence[GenerationConfig] | None = None,
     eos_id: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of each prompt's row (None once a row has finished).
 
-    A row finishes after gen.max_new_tokens tokens, or when it generates `eos_id` (which is yielded). Stop
+    A row finishes after its max_new_tokens tokens, or when it generates `eos_id` (which is yielded). Stop
     strings are text and are handled by `stream`. With rotary positions a prompt longer than block_size is
     cropped to its last block_size tokens (learned positions refuse it). Inputs are checked now, before the
-    first step; the model is in eval mode from the first step until the iterator is exhausted or closed. With a
-    seed, rows of one batch share one random stream: a prompt sampled in a batch does not give the text it
-    gives alone (greedy decoding does, within block_size; see the module's docstring).
+    first step; the model is in eval mode from the first step until the iterator is exhausted or closed. With
+    one config and a seed, rows of one batch share one random stream: a prompt sampled in a batch does not give
+    the text it gives alone (greedy decoding does, within block_size; see the module's docstring). With a config
+    per prompt, each seeded row draws from its own stream.
     """
     gen = gen if gen is not None else GenerationConfig()
     decoder = BatchDecoder(model, prompts, gen, eos_id)

@@ -10,7 +10,8 @@
 
 Every error is OpenAI's JSON body ({"error": {"message", "type", "param", "code"}}) with its status: 400
 malformed body or unusable input, 401 bad API key, 404 unknown model, 413 prompt longer than the context, 422
-a field of the wrong type or out of range, 429 queue full, 504 nothing generated before the request's timeout.
+a field of the wrong type or out of range, 429 queue full, 503 shutting down, 504 nothing generated before the
+request's timeout. A stream that fails after it started ends with an error event, then [DONE].
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Prompt longer than the model's context",
         422: "A field of the wrong type or out of range",
         429: "Too many requests waiting",
+        503: "The server is shutting down",
         504: "Nothing generated before the request's timeout",
     }.items()
 }
@@ -135,7 +137,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        engine.stop()
+        await asyncio.to_thread(engine.stop)  # waits for the batch in progress; not on the event loop
 
     app = FastAPI(
         title="llmmo", version="1", lifespan=lifespan, description="An OpenAI-compatible API for an llmmo checkpoint."
@@ -159,14 +161,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         response.headers.update(e.headers or {})  # 405's Allow header (RFC 9110)
         return response
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = request.scope.get("route").path if request.scope.get("route") else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(MeasureRequests, metrics=metrics)
 
     def authorize(request: Request) -> None:
         if cfg.api_key is None:
@@ -211,6 +206,10 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
             ids = encode()
         except LlmmoError as e:
             raise APIError(400, str(e), param=text_for_error) from None
+        except Exception as e:  # the tokenizer refusing some input is the input's problem, not the server's
+            raise APIError(
+                400, f"the text cannot be tokenized ({type(e).__name__}: {e})", param=text_for_error
+            ) from None
         if not ids:
             if tokenizer.eot_id is None:
                 raise APIError(
@@ -251,7 +250,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
             while True:
                 event = await events.get()
                 if "error" in event:
-                    raise APIError(500, f"generation failed: {event['error']}", "server_error")
+                    raise APIError(503, f"generation failed: {event['error']}", "server_error")
                 if first and "text" in event:
                     metrics.first_token.observe(time.monotonic() - request.submitted)
                     first = False
@@ -282,8 +281,11 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
 
     def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            except APIError as e:  # after the 200 went out: the error is the stream's last event
+                yield f"data: {e.body.model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -390,6 +392,32 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
 
     app.state.engine, app.state.metrics = engine, metrics
     return app
+
+
+class MeasureRequests:
+    """Counts requests by route and status and times them to their last byte (streams included), as plain ASGI
+    middleware: Starlette's @app.middleware("http") would hide a client's disconnect from the handlers."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), ["500"]
+
+        async def timed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                route = scope.get("route")
+                path = route.path if route is not None else "other"
+                self.metrics.requests.labels(path, status[0]).inc()
+                self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+        await self.app(scope, receive, timed_send)
 
 
 async def _cancel_when_gone(http: Request, request: EngineRequest) -> None:

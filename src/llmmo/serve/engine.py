@@ -79,8 +79,11 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the batch in progress; requests still waiting get an error (none is left hanging)."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
+        while not self.waiting.empty():
+            self.waiting.get_nowait().on_event({"error": "the server is shutting down"})
 
     def submit(self, request: Request) -> None:
         with self._lock:
@@ -107,7 +110,13 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = [r for r in self._take() if not r.cancelled.is_set()]
+            batch = []
+            for r in self._take():
+                if r.cancelled.is_set():  # its client left while it waited
+                    self._count("cancelled", 0)
+                    r.on_event({"finish_reason": "cancelled", "completion_tokens": 0, "prompt_tokens": 0})
+                else:
+                    batch.append(r)
             if batch:
                 self.stats.running = len(batch)
                 try:
@@ -156,12 +165,15 @@ class Engine:
             if reasons[b] is None:
                 self._end(r, rows[b], "length", decoder.new_tokens[b])
 
+    def _count(self, reason: str, completion_tokens: int) -> None:
+        self.stats.completion_tokens += completion_tokens
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
     def _end(self, request: Request, row: RowText, reason: str, completion_tokens: int) -> None:
         rest = "" if row.done else row.finish()
         if rest and reason != "cancelled":
             request.on_event({"text": rest})
-        self.stats.completion_tokens += completion_tokens
-        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self._count(reason, completion_tokens)
         request.on_event(
             {"finish_reason": reason, "completion_tokens": completion_tokens, "prompt_tokens": len(request.prompt_ids)}
         )

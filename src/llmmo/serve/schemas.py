@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -20,9 +20,20 @@ def _integer(value: Any) -> Any:
     return value
 
 
+def _utf8(value: str) -> str:
+    """JSON may escape lone surrogates (\\ud800), which are not text: no tokenizer can read them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (\\ud800-\\udfff); send valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 Integer = Annotated[int, BeforeValidator(_integer)]
 # the bound before the validator: so the schema states it as JSON Schema's "minimum", also under an Optional
 Positive = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_integer)]  # what torch's generators take
 
 
 class Strict(BaseModel):
@@ -32,25 +43,25 @@ class Strict(BaseModel):
 class Sampling(Strict):
     """Settings both endpoints share."""
 
-    model: str = Field(description="the served model's name (GET /v1/models)")
+    model: Text = Field(description="the served model's name (GET /v1/models)")
     max_tokens: Positive | None = Field(None, description="new tokens at most (default 256, up to the context)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Integer = Field(0, ge=0, description="llmmo's extension: sample among the k most likely tokens; 0 is off")
     n: Integer = Field(1, ge=1, le=1, description="completions per prompt (only 1)")
     stream: bool = False
-    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
-    seed: Integer | None = None
-    user: str | None = None
+    stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    seed: Seed | None = None
+    user: Text | None = None
 
 
 class CompletionRequest(Sampling):
-    prompt: str = Field(description="the text to continue")
+    prompt: Text = Field(description="the text to continue")
 
 
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(Sampling):
