@@ -33,7 +33,8 @@ Text = Annotated[str, AfterValidator(_utf8)]
 Integer = Annotated[int, BeforeValidator(_integer)]
 # the bound before the validator: so the schema states it as JSON Schema's "minimum", also under an Optional
 Positive = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_integer)]  # what torch's generators take
+# within what torch's generators take, and exact as a JSON float too (a bound of 2**64 - 1 reads as 2**64)
+Seed = Annotated[int, Field(ge=-(2**53), le=2**53), BeforeValidator(_integer)]
 
 
 class Strict(BaseModel):
