@@ -40,14 +40,18 @@ class TaskResult:
     examples: list[dict[str, Any]]  # each prompt, reference and reply (and its score), for reading
 
 
-def _prompt_ids(ckpt: Checkpoint, prompt: str) -> list[int]:
-    """The prompt in the chat template when the tokenizer has one, else as plain text."""
+Prompt = str | list[dict[str, str]]  # a user message, or a conversation up to the reply to generate
+
+
+def _prompt_ids(ckpt: Checkpoint, prompt: Prompt) -> list[int]:
+    """The prompt in the chat template when the tokenizer has one, else its last message as plain text."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if has_chat_tokens(ckpt.tokenizer):
-        return encode_chat(ckpt.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
-    return ckpt.tokenizer.encode(prompt)
+        return encode_chat(ckpt.tokenizer, messages, add_generation_prompt=True)[0]
+    return ckpt.tokenizer.encode(messages[-1]["content"] if messages else "")
 
 
-def generate_replies(ckpt: Checkpoint, prompts: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[str]:
+def generate_replies(ckpt: Checkpoint, prompts: list[Prompt], gen: GenerationConfig, batch_size: int = 16) -> list[str]:
     """Each prompt's reply, in batches; a chat model's reply ends at its `<|end|>`."""
     end = ckpt.tokenizer.hf.token_to_id(END) if has_chat_tokens(ckpt.tokenizer) else ckpt.tokenizer.eot_id
     block = ckpt.model.cfg.block_size
@@ -62,12 +66,14 @@ def generate_replies(ckpt: Checkpoint, prompts: list[str], gen: GenerationConfig
     return replies
 
 
-def _pairs(path: str | Path, prompt_field: str, reference_field: str, limit: int) -> tuple[list[str], list[str]]:
-    chats = read_conversations(path, prompt_field, reference_field)
-    rows = [(c[-2]["content"], c[-1]["content"]) for c in chats.conversations if len(c) >= 2]
-    if limit > 0:
-        rows = rows[:limit]
-    return [p for p, _ in rows], [r for _, r in rows]
+def _pairs(path: str | Path, prompt_field: str, reference_field: str, limit: int) -> tuple[list[Prompt], list[str]]:
+    """Each row's conversation up to its last (assistant) message, and that message: the reference."""
+    chats = read_conversations(path, prompt_field, reference_field).conversations[: limit or None]
+    return [c[:-1] for c in chats], [c[-1]["content"] for c in chats]
+
+
+def _shown(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 def _gsm8k(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
@@ -78,7 +84,7 @@ def _gsm8k(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> Task
         got, want = extract_final_number(reply), extract_final_number(ref)
         formatted += got is not None
         correct += same_number(got, want)
-        examples.append({"prompt": p, "reference": want, "reply": reply, "extracted": got})
+        examples.append({"prompt": _shown(p), "reference": want, "reply": reply, "extracted": got})
     n = max(len(prompts), 1)
     return TaskResult("gsm8k", {"format_rate": formatted / n, "accuracy": correct / n, "n": len(prompts)}, examples)
 
@@ -94,7 +100,8 @@ def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
         scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
         score = scorer(replies, [references]).score
         examples = [
-            {"prompt": p, "reference": r, "reply": y} for p, r, y in zip(prompts, references, replies, strict=True)
+            {"prompt": _shown(p), "reference": r, "reply": y}
+            for p, r, y in zip(prompts, references, replies, strict=True)
         ]
         return TaskResult(metric, {metric: score, "n": len(prompts)}, examples)
 
@@ -105,7 +112,9 @@ def _exact(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> Task
     prompts, references = _pairs(path, prompt_field or "prompt", reference_field or "response", limit)
     replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
     hits = [r == ref.strip() for r, ref in zip(replies, references, strict=True)]
-    examples = [{"prompt": p, "reference": r, "reply": y} for p, r, y in zip(prompts, references, replies, strict=True)]
+    examples = [
+        {"prompt": _shown(p), "reference": r, "reply": y} for p, r, y in zip(prompts, references, replies, strict=True)
+    ]
     return TaskResult("exact", {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits)}, examples)
 
 
