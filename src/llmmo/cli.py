@@ -220,7 +220,13 @@ def _eval_task(args: argparse.Namespace, ckpt: Any) -> int:
 
     if not args.file:
         raise ConfigError(f"--task {args.task} scores a task file: pass it with --file FILE")
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     result = run_task(
         ckpt,
         args.task,
@@ -587,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="gsm8k: '#### N' answers; squad: EM/F1; chrf, bleu: sacrebleu; exact: exact match; classify: accuracy",
     )
     t.add_argument("--limit", type=at_least(0), default=0, help="score the first N examples; 0: all (default: 0)")
-    t.add_argument("--max-new-tokens", type=at_least(1), default=256, help="per reply, greedy (default: 256)")
+    t.add_argument("--max-new-tokens", type=at_least(1), default=256, help="per reply (default: 256)")
+    t.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    t.add_argument("--top-k", type=int, default=0, help="(default: 0, off)")
+    t.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0, off)")
+    t.add_argument("--seed", type=int, default=0, help="for sampled replies (default: 0)")
     t.add_argument(
         "--prompt-field", help="field of the prompt (default: question for gsm8k, text for classify, else prompt)"
     )
