@@ -324,6 +324,13 @@ def test_chat_prompt_mode_and_eval_task(sft_run: dict[str, Path], capsys, tmp_pa
     assert scores["n"] == 8 and 0 <= scores["accuracy"] <= scores["format_rate"] <= 1
     examples = [json.loads(x) for x in (tmp_path / "ex.jsonl").read_text().splitlines()]
     assert len(examples) == 8 and all("reply" in e for e in examples)
+    pairs = tmp_path / "pairs.jsonl"  # translation-style prompt/response pairs, scored by sacrebleu
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ("five", "six")))
+    for metric in ("chrf", "bleu"):
+        assert cli.main(["eval", str(sft_run["ckpt"]), "--task", metric, "--file", str(pairs), "--max-new-tokens",
+                         "8"]) == 0  # fmt: skip
+        scores = json.loads(capsys.readouterr().out)
+        assert scores["n"] == 2 and 0 <= scores[metric] <= 100
 
 
 def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path], tmp_path: Path, capsys) -> None:
