@@ -246,7 +246,7 @@ class SFTTuner(FineTuner):
     def _tokenizer(self, ckpt: Checkpoint) -> Tokenizer:
         return add_chat_tokens(ckpt.model, ckpt.tokenizer)
 
-    def _rows(self, path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    def _rows(self, path: str) -> tuple[np.ndarray, np.ndarray]:
         ft = self.ft
         chats = read_conversations(path, ft.prompt_field, ft.response_field, ft.encoding, ft.skip_bad_rows)
         self.skipped += chats.skipped
@@ -257,12 +257,12 @@ class SFTTuner(FineTuner):
             self.notes.append(f"{dropped} conversations of {path} left out: no reply within {self.max_len + 1} tokens")
         if len(x) == 0:
             raise DataError(f"no conversation of '{path}' has a reply within {self.max_len + 1} tokens")
-        return x, y, len(chats.conversations)
+        return x, y
 
     def _examples(self, seed: int):
-        x, y, self.n_conversations = self._rows(self.ft.train_file)
+        x, y = self._rows(self.ft.train_file)
         if self.ft.eval_file:
-            ex, ey, _ = self._rows(self.ft.eval_file)
+            ex, ey = self._rows(self.ft.eval_file)
         else:
             keep, out = _split(len(x), self.ft.eval_fraction, seed)
             x, y, ex, ey = x[keep], y[keep], x[out], y[out]
