@@ -216,22 +216,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_task(args: argparse.Namespace, ckpt: Any) -> int:
     from llmmo.finetune.tasks import run_task, write_examples
-    from llmmo.generate import GenerationConfig
 
     if not args.file:
         raise ConfigError(f"--task {args.task} scores a task file: pass it with --file FILE")
-    gen = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
     result = run_task(
         ckpt,
         args.task,
         args.file,
-        gen,
+        sampling_from_args(args),
         args.limit,
         args.batch_size,
         args.prompt_field or "",
@@ -276,6 +268,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- generate
 
 
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+def sampling_from_args(args: argparse.Namespace, **more: Any) -> Any:
+    """The GenerationConfig of the sampling options a command has (generate, chat, eval --task); the ones it
+    lacks keep their defaults."""
+    from llmmo.generate import GenerationConfig
+
+    return GenerationConfig(**{k: getattr(args, k) for k in SAMPLING if hasattr(args, k)}, **more)
+
+
 def unescape(text: str) -> str:
     r"""Backslash escapes typed on a command line (\n, \t, \\) become the characters; other text is kept."""
     try:
@@ -286,23 +289,14 @@ def unescape(text: str) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
-    from llmmo.generate import GenerationConfig, compile_decoder, generate, stream
+    from llmmo.generate import compile_decoder, generate, stream
     from llmmo.train import pick_device
 
     prompts = [unescape(p) for p in args.prompt or [""]]
     if args.stream and len(prompts) > 1:
         raise ConfigError("--stream shows one reply as it is written; give one --prompt, or drop --stream")
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
-    gen = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(unescape(s) for s in args.stop),
-        use_cache=not args.no_cache,
-    )
+    gen = sampling_from_args(args, stop=tuple(unescape(s) for s in args.stop), use_cache=not args.no_cache)
     model = compile_decoder(ckpt.model) if args.compile else ckpt.model
     if args.stream:
         sys.stdout.write(prompts[0])

@@ -92,19 +92,12 @@ def _reply(session, text: str, show_speed: bool) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
+    from llmmo.cli import sampling_from_args
     from llmmo.finetune.chat import ChatSession
-    from llmmo.generate import GenerationConfig
     from llmmo.train import pick_device
 
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
-    gen = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=args.system)
+    session = ChatSession(ckpt.model, ckpt.tokenizer, sampling_from_args(args), system=args.system)
     if args.prompt:  # scripted: each prompt is the next user turn; replies only, one per line
         for prompt in args.prompt:
             _reply(session, prompt, show_speed=False)
