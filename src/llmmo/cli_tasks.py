@@ -155,12 +155,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
     from llmmo.train import pick_device
 
-    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device="cpu" if args.engine == "process" else device)
     path = Path(args.checkpoint).resolve()
     name = args.model_name or (path.parent.name if path.name.startswith("ckpt-") else path.name)
-    cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.request_timeout)
+    cfg = ServeConfig(
+        name,
+        args.api_key,
+        args.max_batch,
+        args.max_queue,
+        args.request_timeout,
+        threads=args.threads,
+        engine_process=args.engine == "process",
+        checkpoint_path=str(path),
+        device=str(device),
+    )
+    app = create_app(ckpt, cfg)
+    del ckpt  # with an engine process, this process keeps the tokenizer only
     print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{args.port}/ (chat page at /)", file=sys.stderr)
-    uvicorn.run(create_app(ckpt, cfg), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -241,4 +254,13 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     )
     p.add_argument("--model-name", help="the name clients pass as model (default: the run folder's name)")
     p.add_argument("--device", default="auto", help="(default: auto)")
+    p.add_argument(
+        "--threads", type=at_least(0), default=0, help="CPU threads for decoding; 0: all cores but one (default: 0)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default="process",
+        help="decode in a process of its own, or in a thread of the server's (default: process)",
+    )
     p.set_defaults(func=cmd_serve)

@@ -139,6 +139,39 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A random stream of its own for a seeded config; None (torch's global stream) without a seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    gens: Sequence[GenerationConfig],
+    seen: torch.Tensor | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens, row b picked by gens[b] (from generators[b] when it has a seed).
+
+    Rows without a seed and with the same settings are sampled in one call (a server's requests mostly are), so
+    the cost of a step does not grow with a Python call per row; a seeded row draws alone from its own stream.
+    """
+    groups: dict[object, list[int]] = {}
+    for b, g in enumerate(gens):
+        seeded = generators is not None and generators[b] is not None
+        key = b if seeded else (g.temperature, g.top_k, g.top_p, g.repetition_penalty)
+        groups.setdefault(key, []).append(b)
+    if len(groups) == 1:
+        b = next(iter(groups.values()))[0]
+        return sample_next(logits, gens[b], seen, generators[b] if generators is not None else None)
+    tokens = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        generator = generators[rows[0]] if generators is not None else None
+        group_seen = None if seen is None else seen[index]
+        tokens[index] = sample_next(logits[index], gens[rows[0]], group_seen, generator)
+    return tokens
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A compiled decoding step
 
@@ -233,16 +266,13 @@ class BatchDecoder:
         self.last: torch.Tensor | None = None  # (B, 1) tokens picked by the previous step, fed to the cache next
         self.new_tokens = [0] * len(self.rows)
         # one random stream for the batch from a shared config's seed; with a config per row, one per seeded row
-        self.generators = [self._generator(g.seed) for g in self.gens] if self.per_row else []
-        self.generator = None if self.per_row else self._generator(gen.seed)
+        self.generators = [seeded_generator(g.seed, self.device) for g in self.gens] if self.per_row else []
+        self.generator = None if self.per_row else seeded_generator(gen.seed, self.device)
         self.seen = None  # (B, V) tokens of the prompt and output, for the repetition penalty
         if any(g.repetition_penalty != 1 for g in self.gens):
             self.seen = torch.zeros(len(self.rows), model.cfg.vocab_size, dtype=torch.bool, device=self.device)
             for b, row in enumerate(self.rows):
                 self.seen[b, torch.tensor(row, device=self.device)] = True
-
-    def _generator(self, seed: int | None) -> torch.Generator | None:
-        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
     @property
     def finished(self) -> bool:
@@ -259,9 +289,7 @@ class BatchDecoder:
         if self.vocab_size is not None and self.vocab_size < logits.size(-1):
             logits[:, self.vocab_size :] = float("-inf")
         if self.per_row:
-            seen = [None if self.seen is None else self.seen[b : b + 1] for b in range(len(self.rows))]
-            picks = zip(self.gens, seen, self.generators, strict=True)
-            tokens = torch.cat([sample_next(logits[b : b + 1], *pick) for b, pick in enumerate(picks)])
+            tokens = sample_rows(logits, self.gens, self.seen, self.generators)
         else:
             tokens = sample_next(logits, self.gen, self.seen, self.generator)
         self.last = tokens[:, None]
@@ -403,6 +431,14 @@ class RowText:
         self.prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read])
         return self._release(piece)
 
+    def take(self, token: int, eos_id: int | None, last: bool) -> str:
+        """Add the row's next token and return its new text. The end-of-text token ends the text (it is none);
+        `last` says the row ends with this token (its budget is spent): what was held back goes out too."""
+        piece = self.finish() if token == eos_id else self.push(token)
+        if last and not self.done:
+            piece += self.finish()
+        return piece
+
     def finish(self) -> str:
         """The row ended: everything still held back (an unfinished character decodes as U+FFFD)."""
         text = self.tokenizer.decode(self.ids[self.prefix :])
@@ -456,9 +492,7 @@ def stream(
     at the tokenizer's end-of-text token (not part of the text); the word tokenizer's <eos> ends a line only.
     """
     ids = _encode_prompts(tokenizer, prompts)
-    # a word tokenizer's <eos> ends a line, not the text; bpe's and imported tokenizers' end the text
-    eos_id = tokenizer.eot_id if tokenizer.kind in ("bpe", "hf") else None
-    return stream_ids(model, tokenizer, ids, gen, eos_id)
+    return stream_ids(model, tokenizer, ids, gen, tokenizer.text_end_id)
 
 
 def stream_ids(
@@ -493,10 +527,7 @@ def _pieces(
             if token is None:
                 pieces.append("")
                 continue
-            piece = row.finish() if token == eos_id else row.push(token)
-            if decoder.done[b] and not row.done:  # the row's own token budget is spent: out with what is held
-                piece += row.finish()
-            pieces.append(piece)
+            pieces.append(row.take(token, eos_id, decoder.done[b]))
             if row.done:
                 decoder.finish(b)
         if decoder.finished:  # out of tokens: give out what was held back

@@ -12,6 +12,7 @@ were pruned), V = vocab.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -85,6 +86,17 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.pos += T
+
+    def view(self, rows: int, start: int, stop: int, pad: torch.Tensor) -> KVCache:
+        """Rows [0, rows) and slots [start, stop) of this cache as a cache of their own, sharing its memory (what
+        the view writes lands here); `pad` (rows,) counts from `start`. A server's running batch
+        (llmmo.serve.batch) attends through it to the slots its rows use, not to all `max_len`."""
+        view = copy.copy(self)
+        view.k = [t[:rows, :, start:stop] for t in self.k]  # (rows, Hkv, stop - start, D) each
+        view.v = [t[:rows, :, start:stop] for t in self.v]
+        view.max_len, view.pos, view.pad = stop - start, self.pos - start, pad
+        view.slots = self.slots[: stop - start]
+        return view
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

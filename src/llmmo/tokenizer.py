@@ -57,6 +57,8 @@ class Tokenizer:
             eot = hf.token_to_id(EOT if self.kind == "bpe" else EOS)
         # the id that ends a document (bpe, hf) or a line (word); None for char and for hf ones without one
         self.eot_id: int | None = eot
+        # the id that ends generated text: a word tokenizer's <eos> ends a line only
+        self.text_end_id: int | None = eot if self.kind in ("bpe", HF) else None
 
     def encode(self, text: str) -> list[int]:
         if self._char_ids is not None and self._specials is not None:

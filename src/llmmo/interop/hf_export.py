@@ -100,7 +100,7 @@ def token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
     transformers' generate() stops where ours does; an instruction-tuned model's replies end at `<|end|>`."""
     roles = special_tokens(tokenizer)
     vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
-    eos = tokenizer.eot_id if tokenizer.kind in ("bpe", HF) else None
+    eos = tokenizer.text_end_id
     return {
         "bos_token_id": vocab.get(roles.get("bos_token", "")),
         "eos_token_id": vocab[END] if has_chat_tokens(tokenizer) else eos,

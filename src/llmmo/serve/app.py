@@ -37,8 +37,9 @@ from llmmo.errors import LlmmoError
 from llmmo.finetune.chat import END, MARKERS, encode_chat, has_chat_tokens
 from llmmo.generate import GenerationConfig
 from llmmo.serve import schemas
-from llmmo.serve.engine import Engine, QueueFull
+from llmmo.serve.engine import Engine, EngineStopped, QueueFull
 from llmmo.serve.engine import Request as EngineRequest
+from llmmo.serve.worker import EngineProcess
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ServeConfig:
     max_queue: int = 64  # requests waiting; more are refused with 429
     request_timeout_s: float = 120.0  # a request's generation stops after this long (finish_reason "length")
     default_max_tokens: int = 256
+    threads: int = 0  # torch's CPU threads for decoding; 0: all cores but one, which the HTTP side needs
+    engine_process: bool = False  # decode in a process of its own (llmmo.serve.worker); needs checkpoint_path
+    checkpoint_path: str | None = None  # what that process loads
+    device: str = "cpu"
 
 
 class APIError(Exception):
@@ -98,7 +103,7 @@ def _error_response(error: APIError) -> JSONResponse:
 class Metrics:
     """Prometheus series of one server (its own registry, so that several apps in one process do not clash)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine | EngineProcess):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llmmo_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
         self.latency = Histogram(
@@ -121,23 +126,29 @@ class Metrics:
         for reason in ("stop", "length", "cancelled"):
             finished.labels(reason).set_function(lambda reason=reason: engine.stats.finished.get(reason, 0))
         Gauge("llmmo_running_requests", "Requests being decoded", registry=r).set_function(lambda: engine.stats.running)
+        steps = Gauge("llmmo_decode_steps", "Decoding steps (tokens generated / steps: the mean batch)", registry=r)
+        steps.set_function(lambda: engine.stats.steps)
 
 
 def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
-    """The FastAPI app serving `ckpt`; its engine thread runs while the app does (lifespan)."""
-    tokenizer, model = ckpt.tokenizer, ckpt.model
-    block = model.cfg.block_size
+    """The FastAPI app serving `ckpt`; its engine runs while the app does (lifespan). With `engine_process` the
+    engine loads the checkpoint again in its own process, and the app keeps only the tokenizer of `ckpt`."""
+    tokenizer, block = ckpt.tokenizer, ckpt.model.cfg.block_size
     chat = has_chat_tokens(tokenizer)
-    eos_id = tokenizer.eot_id if tokenizer.kind in ("bpe", "hf") else None
-    engine = Engine(model, tokenizer, eos_id, cfg.max_batch, cfg.max_queue)
+    if cfg.engine_process:
+        if cfg.checkpoint_path is None:
+            raise ValueError("an engine process loads the checkpoint from checkpoint_path; set it")
+        engine = EngineProcess(cfg.checkpoint_path, cfg.device, cfg.max_batch, cfg.max_queue, cfg.threads)
+    else:
+        engine = Engine(ckpt.model, tokenizer, tokenizer.text_end_id, cfg.max_batch, cfg.max_queue, cfg.threads)
     metrics = Metrics(engine)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        await asyncio.to_thread(engine.start)  # an engine process loads the checkpoint first: not on the loop
         yield
-        await asyncio.to_thread(engine.stop)  # waits for the batch in progress; not on the event loop
+        await asyncio.to_thread(engine.stop)  # waits for the step in progress
 
     app = FastAPI(
         title="llmmo", version="1", lifespan=lifespan, description="An OpenAI-compatible API for an llmmo checkpoint."
@@ -227,35 +238,39 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
             )
         return ids
 
-    async def run(ids: list[int], gen: GenerationConfig) -> tuple[EngineRequest, asyncio.Queue]:
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = EngineRequest(
-            ids,
-            gen,
-            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            deadline=time.monotonic() + cfg.request_timeout_s,
-        )
+    async def run(ids: list[int], gen: GenerationConfig, stream: bool) -> tuple[EngineRequest, asyncio.Queue, list]:
+        """Submit a generation. Its events come through the queue; the text of a reply sent whole gathers in the
+        list instead, so that its tokens do not wake the event loop one by one."""
+        loop, events, pieces = asyncio.get_running_loop(), asyncio.Queue(), []
+
+        def on_event(event: dict) -> None:  # called by the engine's thread
+            if "text" in event and not stream:
+                pieces.append(event["text"])
+            else:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request = EngineRequest(ids, gen, on_event, deadline=time.monotonic() + cfg.request_timeout_s)
         try:
             engine.submit(request)
         except QueueFull as e:
             raise APIError(
                 429, f"the server is busy ({e}); retry later", "rate_limit_error", code="queue_full"
             ) from None
-        return request, events
+        except EngineStopped as e:
+            raise APIError(503, str(e), "server_error") from None
+        return request, events, pieces
 
     async def events_of(request: EngineRequest, events: asyncio.Queue) -> AsyncIterator[dict]:
         """The engine's events for one request; a client that goes away cancels it (its row ends)."""
-        first = True
         try:
             while True:
                 event = await events.get()
                 if "error" in event:
                     raise APIError(503, f"generation failed: {event['error']}", "server_error")
-                if first and "text" in event:
-                    metrics.first_token.observe(time.monotonic() - request.submitted)
-                    first = False
                 yield event
                 if "finish_reason" in event:
+                    if request.first_text is not None:
+                        metrics.first_token.observe(request.first_text - request.submitted)
                     metrics.prompt_tokens.inc(event["prompt_tokens"])
                     metrics.completion_tokens.inc(event["completion_tokens"])
                     return
@@ -266,18 +281,17 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         p, c = done["prompt_tokens"], done["completion_tokens"]
         return schemas.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
-    async def collect(request: EngineRequest, events: asyncio.Queue, http: Request) -> tuple[str, dict]:
-        text, done = [], {}
+    async def collect(request: EngineRequest, events: asyncio.Queue, pieces: list, http: Request) -> tuple[str, dict]:
+        done = {}
         waiter = asyncio.ensure_future(_cancel_when_gone(http, request))
         try:
             async for event in events_of(request, events):
-                text.append(event.get("text", ""))
-                done = event if "finish_reason" in event else done
+                done = event
         finally:
             waiter.cancel()
-        if done.get("finish_reason") == "length" and not text and done.get("completion_tokens") == 0:
+        if done.get("finish_reason") == "length" and not pieces and done.get("completion_tokens") == 0:
             raise APIError(504, "nothing was generated before the request's timeout", "timeout_error")
-        return "".join(text), done
+        return "".join(pieces), done
 
     def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -306,7 +320,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         check_model(body.model)
         gen = generation(body, body.max_tokens)
         ids = prompt_ids(lambda: tokenizer.encode(body.prompt) if body.prompt else [], "prompt")
-        request, events = await run(ids, gen)
+        request, events, pieces = await run(ids, gen, body.stream)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
 
@@ -324,7 +338,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
                     }
 
             return sse(chunks())
-        text, done = await collect(request, events, http)
+        text, done = await collect(request, events, pieces, http)
         choice = schemas.CompletionChoice(index=0, text=text, finish_reason=finish(done["finish_reason"]))
         return schemas.Completion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
 
@@ -345,7 +359,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         gen = generation(body, body.max_completion_tokens or body.max_tokens, (*MARKERS.values(), END))
         messages = [m.model_dump() for m in body.messages]
         ids = prompt_ids(lambda: encode_chat(tokenizer, messages, add_generation_prompt=True)[0], "messages")
-        request, events = await run(ids, gen)
+        request, events, pieces = await run(ids, gen, body.stream)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
 
@@ -365,7 +379,7 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
                         }
 
             return sse(chunks())
-        text, done = await collect(request, events, http)
+        text, done = await collect(request, events, pieces, http)
         choice = schemas.ChatChoice(
             index=0, message=schemas.ReplyMessage(content=text), finish_reason=finish(done["finish_reason"])
         )

@@ -1,18 +1,16 @@
-"""The decoding engine of the server: requests that wait together are decoded together, in one batch.
+"""The decoding engine of the server: one worker thread decodes every running request, a token per step.
 
-One worker thread owns the model. It takes up to `max_batch` waiting requests (waiting `batch_window_s` for more
-to arrive once the first is there), decodes them as one batch with the KV cache, each row with its own sampling
-settings, token budget and stop strings (llmmo.generate's per-row configs), and hands every row's new text to
-its request as it is produced. A row ends at its end-of-text token, a stop string, its token budget, its deadline,
-or when its client went away (`cancel`); the batch ends when all its rows have. Requests that arrive meanwhile
-wait for the next batch; a full queue refuses new ones (`QueueFull`, HTTP 429).
-
-This is static batching (Orca's iteration-level scheduling, where rows join a running batch, needs a KV cache
-with a position per row); its gain is the same when requests come together, as a loaded server's do.
+The worker owns the model and a running batch of up to `max_batch` rows (llmmo.serve.batch: continuous
+batching). Between two steps, rows whose reply ended leave, and waiting requests join. Each row has its own
+sampling settings, token budget and stop strings, and its new text goes to its request as it is produced
+(`on_event`). A row ends at its end-of-text token, a stop string, its token budget, its deadline, or when its
+client went away (`cancel`). A full queue refuses new requests (`QueueFull`, HTTP 429).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -21,12 +19,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmmo.generate import BatchDecoder, GenerationConfig, RowText, eval_mode
+from llmmo.generate import GenerationConfig, RowText, eval_mode
+from llmmo.serve.batch import RunningBatch
 from llmmo.tokenizer import Tokenizer
+
+
+def decoding_threads(requested: int) -> int:
+    """`requested`, or all cores this process may use but one. On a small CPU this matters: a decoding step
+    that takes every core leaves the HTTP side waiting behind it (and OpenMP's idle threads spin), which cost
+    40% of the throughput on 2 cores (docs/LOG.md)."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 class QueueFull(Exception):
     """The waiting queue holds max_queue requests already."""
+
+
+class EngineStopped(Exception):
+    """The engine takes no more requests: the server is shutting down, or its engine process ended."""
 
 
 @dataclass
@@ -39,10 +52,20 @@ class Request:
     deadline: float | None = None  # time.monotonic() after which the row ends (finish_reason "length")
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    first_text: float | None = None  # when its first text went out
+    on_cancel: Callable[[], None] | None = None  # tells an engine in another process (llmmo.serve.worker)
+
+    def send_text(self, piece: str) -> None:
+        if self.first_text is None:
+            self.first_text = time.monotonic()
+        self.on_event({"text": piece})
 
     def cancel(self) -> None:
         """The client went away: the row ends at the next step and frees its place."""
-        self.cancelled.set()
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self.on_cancel is not None:
+                self.on_cancel()
 
 
 @dataclass
@@ -51,7 +74,7 @@ class EngineStats:
 
     waiting: int = 0
     running: int = 0
-    batches: int = 0
+    steps: int = 0  # decoding steps (one token for every running row)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
@@ -65,115 +88,112 @@ class Engine:
         eos_id: int | None,
         max_batch: int = 8,
         max_queue: int = 64,
-        batch_window_s: float = 0.005,
+        threads: int = 0,
+        on_step: Callable[[], None] | None = None,
     ):
         self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, eos_id
-        self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
+        self.max_batch, self.max_queue, self.threads = max_batch, max_queue, threads
+        self.on_step = on_step  # called by the worker after every round of admissions and a step
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.batch = RunningBatch(model, tokenizer.vocab_size, max_batch)  # rows owned by their Request
         self.stats = EngineStats()
         self._lock = threading.Lock()  # guards the count of waiting requests against two submits at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmmo-engine", daemon=True)
 
     def start(self) -> None:
+        """Start the worker thread. Sets torch's CPU threads for the whole process (`decoding_threads`)."""
+        torch.set_num_threads(decoding_threads(self.threads))
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the batch in progress; requests still waiting get an error (none is left hanging)."""
+        """Stop after the step in progress; requests still running or waiting get an error (none is left hanging)."""
         self._stop.set()
         self._thread.join(timeout=30)
+        for row in self.batch.rows:
+            row.owner.on_event({"error": "the server is shutting down"})
         while not self.waiting.empty():
             self.waiting.get_nowait().on_event({"error": "the server is shutting down"})
 
     def submit(self, request: Request) -> None:
         with self._lock:
+            if self._stop.is_set():
+                raise EngineStopped("the server is shutting down")
             if self.stats.waiting >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting already")
             self.stats.waiting += 1
         self.waiting.put(request)
 
-    def _take(self) -> list[Request]:
-        """The next batch: the first waiting request, and those that arrive within the batch window."""
-        try:
-            first = self.waiting.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        batch, until = [first], time.monotonic() + self.batch_window_s
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.waiting.get(timeout=max(0.0, until - time.monotonic())))
-            except queue.Empty:
-                break
-        with self._lock:
-            self.stats.waiting -= len(batch)
-        return batch
-
     def _run(self) -> None:
-        while not self._stop.is_set():
-            batch = []
-            for r in self._take():
-                if r.cancelled.is_set():  # its client left while it waited
-                    self._count("cancelled", 0)
-                    r.on_event({"finish_reason": "cancelled", "completion_tokens": 0, "prompt_tokens": 0})
-                else:
-                    batch.append(r)
-            if batch:
-                self.stats.running = len(batch)
-                try:
-                    self._decode(batch)
-                except Exception as e:  # a failed batch fails its requests, never the server
-                    for r in batch:
-                        r.on_event({"error": f"{type(e).__name__}: {e}"})
-                self.stats.running = 0
-
-    @torch.inference_mode()
-    def _decode(self, batch: list[Request]) -> None:
-        self.stats.batches += 1
-        decoder = BatchDecoder(
-            self.model,
-            [r.prompt_ids for r in batch],
-            [r.gen for r in batch],
-            self.eos_id,
-            vocab_size=self.tokenizer.vocab_size,
-        )
-        rows = [RowText(self.tokenizer, r.prompt_ids, r.gen.stop) for r in batch]
-        reasons: list[str | None] = [None] * len(batch)
-        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in batch)
         with eval_mode(self.model):
-            while True:
-                now = time.monotonic()
-                for b, r in enumerate(batch):  # clients gone or out of time: their rows end now
-                    if reasons[b] is None and (r.cancelled.is_set() or (r.deadline is not None and now > r.deadline)):
-                        reasons[b] = "cancelled" if r.cancelled.is_set() else "length"
-                        decoder.finish(b)
-                        self._end(r, rows[b], reasons[b], decoder.new_tokens[b])
-                if decoder.finished:
-                    break
-                tokens = decoder.step()
-                for b, (r, row, token) in enumerate(zip(batch, rows, tokens, strict=True)):
-                    if token is None or reasons[b] is not None:
-                        continue
-                    piece = row.finish() if token == self.eos_id else row.push(token)
-                    if piece:
-                        r.on_event({"text": piece})
-                    if row.done or decoder.done[b]:
-                        decoder.finish(b)
-                        stopped = row.stopped or token == self.eos_id
-                        reasons[b] = "stop" if stopped else "length"
-                        self._end(r, row, reasons[b], decoder.new_tokens[b])
-        for b, r in enumerate(batch):  # rows still open when the batch's budget ran out
-            if reasons[b] is None:
-                self._end(r, rows[b], "length", decoder.new_tokens[b])
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    if self.batch.rows:
+                        self._step()
+                except Exception as e:  # a failed step fails its requests, never the server
+                    for row in self.batch.rows:
+                        with contextlib.suppress(Exception):
+                            row.owner.on_event({"error": f"{type(e).__name__}: {e}"})
+                    self.batch = RunningBatch(self.model, self.tokenizer.vocab_size, self.max_batch)
+                self.stats.running = len(self.batch)
+                if self.on_step is not None:
+                    self.on_step()
+
+    def _admit(self) -> None:
+        """Waiting requests join the batch while it has room; with no row running, wait for one (up to 0.1 s)."""
+        while not self.batch.full:
+            try:
+                r = self.waiting.get_nowait() if self.batch.rows else self.waiting.get(timeout=0.1)
+            except queue.Empty:
+                return
+            with self._lock:
+                self.stats.waiting -= 1
+            if r.cancelled.is_set() or r.gen.max_new_tokens == 0:  # its client left while it waited; or no budget
+                reason = "cancelled" if r.cancelled.is_set() else "length"
+                self._count(reason, 0)
+                r.on_event({"finish_reason": reason, "completion_tokens": 0, "prompt_tokens": len(r.prompt_ids)})
+                continue
+            text = RowText(self.tokenizer, r.prompt_ids, r.gen.stop)
+            try:
+                self.batch.add(self.batch.row(r.prompt_ids, r.gen, text, owner=r))
+            except Exception as e:  # this request's prompt, not the batch, is at fault
+                r.on_event({"error": f"{type(e).__name__}: {e}"})
+                continue
+            self.stats.prompt_tokens += len(r.prompt_ids)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for i in reversed(range(len(self.batch))):  # clients gone or out of time: their rows end now
+            r = self.batch.rows[i].owner
+            if r.cancelled.is_set() or (r.deadline is not None and now > r.deadline):
+                self._end(i, "cancelled" if r.cancelled.is_set() else "length")
+        if not self.batch.rows:
+            return
+        tokens = self.batch.step()
+        self.stats.steps += 1
+        ended = []
+        for i, (row, token) in enumerate(zip(self.batch.rows, tokens, strict=True)):
+            last = token == self.eos_id or row.new_tokens >= row.gen.max_new_tokens
+            piece = row.text.take(token, self.eos_id, last)
+            if piece:
+                row.owner.send_text(piece)
+            if row.text.done:
+                ended.append((i, "stop" if row.text.stopped or token == self.eos_id else "length"))
+        for i, reason in reversed(ended):
+            self._end(i, reason)
 
     def _count(self, reason: str, completion_tokens: int) -> None:
         self.stats.completion_tokens += completion_tokens
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
-    def _end(self, request: Request, row: RowText, reason: str, completion_tokens: int) -> None:
-        rest = "" if row.done else row.finish()
+    def _end(self, i: int, reason: str) -> None:
+        """Row i's reply ended: what it held back goes out (unless its client left), then its finish event."""
+        row = self.batch.rows[i]
+        r = row.owner
+        rest = "" if row.text.done else row.text.finish()
         if rest and reason != "cancelled":
-            request.on_event({"text": rest})
-        self._count(reason, completion_tokens)
-        request.on_event(
-            {"finish_reason": reason, "completion_tokens": completion_tokens, "prompt_tokens": len(request.prompt_ids)}
-        )
+            r.send_text(rest)
+        self._count(reason, row.new_tokens)
+        r.on_event({"finish_reason": reason, "completion_tokens": row.new_tokens, "prompt_tokens": len(r.prompt_ids)})
+        self.batch.remove(i)
