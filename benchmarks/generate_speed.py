@@ -2,8 +2,9 @@
 
 Prompt 16 tokens, 200 new tokens, top-k 50 sampling, batch 1 and 8; both models randomly initialised (speed does
 not depend on the weights). Context 256 for both shapes, so that 216 positions fit without a sliding window.
-llmmo runs twice: eager, and with the decoding step compiled (`generate.compile_decoder`; its compile time is
-reported apart, not counted in tokens/s). transformers runs its default `generate()`.
+llmmo runs three ways: eager; with the decoding step compiled (`generate.compile_decoder`; its compile time is
+reported apart, not counted in tokens/s); and eager with its linear layers' weights packed by oneDNN
+(`packed.pack_linears`; it packs for `batch` rows). transformers runs its default `generate()`.
 
 python -m benchmarks.generate_speed --shape 0.8M --family gpt2
 """
@@ -11,6 +12,7 @@ python -m benchmarks.generate_speed --shape 0.8M --family gpt2
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -20,6 +22,7 @@ from benchmarks.shapes import SHAPES
 from llmmo.config import ModelConfig, resolve_model
 from llmmo.generate import GenerationConfig, compile_decoder, generate_ids
 from llmmo.model import Transformer
+from llmmo.packed import pack_linears
 
 VOCAB, CONTEXT, PROMPT, NEW, TOP_K = 65, 256, 16, 200, 50
 
@@ -113,6 +116,7 @@ def measure(shape: str, family: str, repeats: int) -> list[dict]:
         t_compiled = time_best(run_llmmo, compiled, prompts, gen, repeats=repeats)
         torch._dynamo.reset()  # the next batch size compiles afresh (static shapes), as a new process would
         t_eager = time_best(run_llmmo, ours, prompts, gen, repeats=repeats)
+        t_packed = time_best(run_llmmo, pack_linears(copy.deepcopy(ours), rows=batch), prompts, gen, repeats=repeats)
         t_hf = time_best(run_hf, theirs, prompts, repeats=repeats)
         rows.append(
             {
@@ -124,6 +128,8 @@ def measure(shape: str, family: str, repeats: int) -> list[dict]:
                 "hf_tok_s": batch * NEW / t_hf,
                 "speedup_eager": t_hf / t_eager,
                 "speedup_compiled": t_hf / t_compiled,
+                "llmmo_packed_tok_s": batch * NEW / t_packed,
+                "speedup_packed": t_hf / t_packed,
                 "compile_s": compile_s,
             }
         )

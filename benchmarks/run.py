@@ -76,9 +76,11 @@ def main() -> None:
                     ("batch", "d"),
                     ("llmmo_tok_s", ",.0f"),
                     ("llmmo_compiled_tok_s", ",.0f"),
+                    ("llmmo_packed_tok_s", ",.0f"),
                     ("hf_tok_s", ",.0f"),
                     ("speedup_eager", ".2f"),
                     ("speedup_compiled", ".2f"),
+                    ("speedup_packed", ".2f"),
                     ("compile_s", ".0f"),
                 ],
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from llmmo.checkpoint import save_checkpoint
 from llmmo.config import DataConfig
@@ -45,8 +46,8 @@ def test_rows_joining_and_leaving_get_what_their_prompt_gets_alone(family, n_kv_
         (0, "the", greedy(max_new_tokens=5)),  # leaves early: the last row moves into its place
         (0, "hello world", greedy(max_new_tokens=70)),  # past the context twice: refills from half a block
         (2, "the quick brown fox jumps", greedy(max_new_tokens=20)),  # longer than pos: every row moves right
-        (3, "h", greedy(max_new_tokens=9)),  # one token: nothing to put in the cache before its first step
-        (4, "lazy dog", greedy(max_new_tokens=40)),  # waits for a free row (max_batch 3)
+        (3, "h", greedy(max_new_tokens=9)),  # waits for a free row (max_batch 3); one token: nothing to prefill
+        (4, "lazy dog", greedy(max_new_tokens=40)),  # waits too
         (60, "0123", greedy(max_new_tokens=12)),  # joins a batch whose cache has moved left
     ]
     done = run_schedule(model, arrivals, max_batch=3)
@@ -113,9 +114,11 @@ class Events:
 def hello_engine():
     model = train(tiny(), CHAR.encode("hello world! " * 40))
     engine = Engine(model, CHAR, eos_id=None, max_batch=2, max_queue=4)
-    engine.start()
+    threads = torch.get_num_threads()
+    engine.start()  # sets torch's threads for the process
     yield engine, model
     engine.stop()
+    torch.set_num_threads(threads)
 
 
 def test_the_engine_ends_rows_at_stops_budgets_and_cancels(hello_engine):
@@ -124,7 +127,7 @@ def test_the_engine_ends_rows_at_stops_budgets_and_cancels(hello_engine):
         "stop": greedy(max_new_tokens=40, stop=("w",)),
         "length": greedy(max_new_tokens=9),
         "nothing": greedy(max_new_tokens=0),
-        "cancelled": greedy(max_new_tokens=200),
+        "cancelled": greedy(max_new_tokens=10_000),
     }
     sinks = {name: Events() for name in cases}
     requests = {name: Request(CHAR.encode("hello"), gen, sinks[name]) for name, gen in cases.items()}
@@ -138,7 +141,7 @@ def test_the_engine_ends_rows_at_stops_budgets_and_cancels(hello_engine):
     assert sinks["nothing"].last["completion_tokens"] == 0 and sinks["nothing"].text == ""
     requests["cancelled"].cancel()
     assert sinks["cancelled"].last["finish_reason"] == "cancelled"
-    assert sinks["cancelled"].last["completion_tokens"] < 200
+    assert sinks["cancelled"].last["completion_tokens"] < 10_000
 
 
 def test_a_full_queue_refuses_and_a_deadline_ends_a_reply(hello_engine):
@@ -158,7 +161,28 @@ def test_a_full_queue_refuses_and_a_deadline_ends_a_reply(hello_engine):
     for r in requests:
         r.deadline = 0.0  # long past: each row ends at the next step, with what it has
     assert all(sink.last["finish_reason"] == "length" for sink in sinks)
-    assert 0 < sinks[0].last["completion_tokens"] < 10_000  # ran past the context (refills) until its deadline
+    assert 0 < sinks[0].last["completion_tokens"] < 10_000  # ran until its deadline
+
+
+def test_a_failed_step_or_join_fails_the_batch_once_and_the_engine_goes_on(hello_engine, monkeypatch):
+    engine, model = hello_engine
+    for broken in ("step", "_prefill"):  # a decoding step, then a join, runs out of memory (say)
+        sinks = [Events(), Events()]
+        requests = [Request(CHAR.encode("hello"), greedy(max_new_tokens=10_000), sink) for sink in sinks]
+        engine.submit(requests[0])
+        for _ in range(3000):  # until it runs
+            if sinks[0].text:
+                break
+            threading.Event().wait(0.01)
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.batch, broken, lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+            engine.submit(requests[1])
+            assert all("out of memory" in sink.last["error"] for sink in sinks)
+        assert all(sum("error" in e or "finish_reason" in e for e in sink.events) == 1 for sink in sinks)
+        after = Events()
+        engine.submit(Request(CHAR.encode("hello"), greedy(max_new_tokens=9), after))
+        assert after.last["finish_reason"] == "length"
+        assert after.text == generate(model, CHAR, ["hello"], greedy(max_new_tokens=9))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,8 +213,10 @@ def test_an_engine_process_decodes_cancels_and_fails_requests_when_it_dies(tmp_p
                 break
             threading.Event().wait(0.01)
         assert waiting.text and engine.stats.finished == {"length": 1, "cancelled": 1}
+        assert engine.alive
         engine._process.kill()  # the engine dies mid-reply: its requests get an error, new ones are refused
         assert "engine process stopped" in waiting.last["error"]
+        assert not engine.alive
         with pytest.raises(EngineStopped):
             engine.submit(Request(CHAR.encode("the"), greedy(), Events()))
     finally:

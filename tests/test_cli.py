@@ -69,6 +69,10 @@ def test_train_eval_generate_info(checkpoint: Path, tmp_path: Path) -> None:
         "generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0", "--stream"
     )
     assert streamed.stdout == greedy.stdout
+    packed = run(
+        "generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0", "--pack"
+    )
+    assert packed.stdout == greedy.stdout  # oneDNN's products: the same greedy text
     batch = run(
         "generate",
         str(checkpoint),

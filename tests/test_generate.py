@@ -3,6 +3,7 @@ sampling is seeded, the logits filters do what they say, and streaming gives bac
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 
@@ -28,6 +29,7 @@ from llmmo.generate import (
     top_p_filter,
 )
 from llmmo.model import KVCache, Transformer
+from llmmo.packed import PackedLinear, can_pack, pack_linears
 from llmmo.tokenizer import bpe_tokenizer, char_tokenizer, word_tokenizer
 
 TEXT = "hello world! the quick brown fox jumps over the lazy dog. 0123456789\n"
@@ -152,6 +154,28 @@ def test_compiled_decoder_computes_the_eager_logits_and_tokens(family, n_kv_head
     prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
     gen = greedy(max_new_tokens=12)
     assert collect(generate_ids(compiled, prompts, gen)) == collect(generate_ids(model, prompts, gen))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("family, n_kv_head", FAMILIES)
+def test_packed_linears_compute_the_same_logits_and_tokens(family, n_kv_head):
+    model = train(tiny(family, n_kv_head), CHAR.encode(TEXT * 10), steps=60).eval()
+    packed = pack_linears(copy.deepcopy(model))
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())  # the output head too
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == linears > 2 * model.cfg.n_layer
+    assert packed.state_dict().keys() == model.state_dict().keys()  # the same parameters, saved the same way
+    ids = torch.randint(0, CHAR.vocab_size, (3, 20))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
+    prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
+    gen = greedy(max_new_tokens=12)
+    assert collect(generate_ids(packed, prompts, gen)) == collect(generate_ids(model, prompts, gen))
+    half = tiny().to(torch.bfloat16)
+    assert (
+        not can_pack(half)
+        and pack_linears(half) is half
+        and not any(isinstance(m, PackedLinear) for m in half.modules())
+    )
 
 
 @pytest.mark.parametrize("family, n_kv_head", FAMILIES)

@@ -28,9 +28,11 @@ class KVCache:
     Rows of a batch may hold prompts of different lengths: they are left-padded, and `pad[b]` counts the
     padding of row b, which is masked out of attention and not counted in positions.
 
-    Attention reads all `max_len` slots, the ones not written yet masked out, and new keys are written with
-    a tensor of slot indices. So every decoding step has the same shapes and the same operations whatever the
-    position: a compiled step (`generate.compile_decoder`) is traced once and updates the cache in place.
+    New keys are written with a tensor of slot indices. Compiled, attention reads all `max_len` slots, the
+    ones not written yet masked out, so every decoding step has the same shapes and the same operations
+    whatever the position: a compiled step (`generate.compile_decoder`) is traced once and updates the cache
+    in place. Eager, it reads only the slots written so far. (A server's running batch attends through
+    `view`s, whose shapes change from step to step: it runs eager.)
     """
 
     def __init__(
@@ -62,27 +64,33 @@ class KVCache:
             return pos
         return (pos[None, :] - self.pad[:, None]).clamp(min=0)
 
+    def visible(self, T: int) -> int:
+        """How many slots the next T queries attend over: the written ones in eager mode (attention reads the
+        cache from memory, so unwritten slots cost time); all max_len when compiled (static shapes)."""
+        return self.max_len if torch.compiler.is_compiling() else self.pos + T
+
     def attn_mask(self, T: int) -> torch.Tensor:
-        """Boolean (B or 1, 1, T, max_len) mask of the slots each of the next T queries may see."""
-        q = self.new_slots(T)
-        mask = self.slots[None, :] <= q[:, None]  # (T, max_len): causal, and unwritten slots are in the future
+        """Boolean (B or 1, 1, T, S) mask of the slots each of the next T queries may see (S = `visible`)."""
+        q, slots = self.new_slots(T), self.slots[: self.visible(T)]
+        mask = slots[None, :] <= q[:, None]  # (T, S): causal, and unwritten slots are in the future
         if self.pad is not None:
-            mask = mask[None] & (self.slots[None, None, :] >= self.pad[:, None, None])  # (B, T, max_len)
+            mask = mask[None] & (slots[None, None, :] >= self.pad[:, None, None])  # (B, T, S)
             # a padding query would see no key at all, and some attention kernels answer NaN for an empty
             # softmax; letting it see itself keeps every value finite (its output is never used)
-            mask |= self.slots[None, None, :] == q[None, :, None]
+            mask |= slots[None, None, :] == q[None, :, None]
             return mask[:, None]
         return mask[None, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new (B, Hkv, T, D) keys and values; return all max_len slots (B, Hkv, S, D)."""
+        """Store this layer's new (B, Hkv, T, D) keys and values; return the `visible` slots (B, Hkv, S, D)."""
         T = k.size(2)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos + T} needed")
         slots = self.new_slots(T)
         self.k[layer][:, :, slots] = k
         self.v[layer][:, :, slots] = v
-        return self.k[layer], self.v[layer]
+        S = self.visible(T)
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -56,6 +56,9 @@ class ServeConfig:
     device: str = "cpu"
 
 
+ENGINE_GRACE_S = 30.0  # past a request's deadline, how long its answer may still take before it is given up
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -264,7 +267,13 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         """The engine's events for one request; a client that goes away cancels it (its row ends)."""
         try:
             while True:
-                event = await events.get()
+                # a backstop: the engine ends every row by its deadline; one that stops answering fails the wait
+                wait = None if request.deadline is None else request.deadline - time.monotonic() + ENGINE_GRACE_S
+                try:
+                    async with asyncio.timeout(wait):
+                        event = await events.get()
+                except TimeoutError:
+                    raise APIError(503, "the engine stopped answering; restart the server", "server_error") from None
                 if "error" in event:
                     raise APIError(503, f"generation failed: {event['error']}", "server_error")
                 yield event
@@ -385,8 +394,10 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         )
         return schemas.ChatCompletion(id=rid, created=now, model=cfg.model_name, choices=[choice], usage=usage(done))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": schemas.ErrorBody, "description": "The engine has stopped"}})
     async def health() -> dict[str, str]:
+        if not engine.alive:
+            raise APIError(503, "the engine has stopped; restart the server", "server_error")
         return {"status": "ok", "model": cfg.model_name}
 
     @app.get(

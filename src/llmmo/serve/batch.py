@@ -29,7 +29,7 @@ from llmmo.generate import GenerationConfig, RowText, sample_rows, seeded_genera
 from llmmo.model import KVCache
 
 
-@dataclass
+@dataclass(eq=False)  # a row is itself, whatever its fields
 class Row:
     """One request being decoded."""
 
@@ -72,20 +72,32 @@ class RunningBatch:
 
     @torch.inference_mode()
     def add(self, row: Row) -> None:
-        """Join: the row's prompt goes into the cache, all but its last token, which the next step feeds."""
+        """Join: the row's prompt goes into the cache, all but its last token, which the next step feeds.
+
+        A prompt that cannot join raises ValueError before anything changed. Any other error (out of memory)
+        may leave the batch half-changed: its caller fails the batch's rows and `clear`s it."""
         if not 0 < len(row.tokens) < self.capacity:
             raise ValueError(f"a prompt of {len(row.tokens)} tokens; between 1 and {self.capacity - 1} fit")
+        if not 0 <= min(row.tokens) <= max(row.tokens) < self.model.cfg.vocab_size:
+            raise ValueError(f"token ids outside the model's vocabulary [0, {self.model.cfg.vocab_size})")
         if self.full:
             raise ValueError(f"the batch holds {self.max_batch} rows already")
+        context = row.tokens[:-1]
+        alone = self._prefill(context)  # nothing has changed yet if this fails
+        if row.gen.repetition_penalty != 1 and self.seen is None:
+            self.seen = torch.zeros(self.max_batch, self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.rows.append(row)
         self.starts.append(self.cache.pos)
         i = len(self.rows) - 1
         if row.gen.repetition_penalty != 1:
-            if self.seen is None:
-                self.seen = torch.zeros(self.max_batch, self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
             self.seen[i] = False
             self.seen[i, torch.tensor(row.tokens, device=self.device)] = True
-        self._place(i, row.tokens[:-1])
+        self._place(i, len(context), alone)
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step: the caller has told their requests)."""
+        self.rows, self.starts = [], []
+        self.cache.pos = 0
 
     @torch.inference_mode()
     def remove(self, i: int) -> None:
@@ -128,15 +140,20 @@ class RunningBatch:
                 seen[i, token] = True
         return tokens
 
-    def _place(self, i: int, context: list[int]) -> None:
-        """Row i's slots hold `context` from now on, ending at pos: keys and values of a forward pass of it alone."""
-        m = len(context)
+    def _prefill(self, context: list[int]) -> KVCache | None:
+        """The keys and values of `context` run alone (None when it is empty)."""
+        if not context:
+            return None
+        alone = KVCache(self.model.cfg, 1, len(context), device=self.device, dtype=self.dtype)
+        self.model.hidden(torch.tensor([context], device=self.device), kv_cache=alone)  # no output head needed
+        return alone
+
+    def _place(self, i: int, m: int, alone: KVCache | None) -> None:
+        """Row i's slots hold the m positions of `alone` from now on, ending at pos."""
         if m > self.cache.pos:
             self._shift(m - self.cache.pos)
         pos = self.cache.pos
-        if m:
-            alone = KVCache(self.model.cfg, 1, m, device=self.device, dtype=self.dtype)
-            self.model(torch.tensor([context], device=self.device), kv_cache=alone)
+        if alone is not None:
             for full, part in zip(self.cache.k + self.cache.v, alone.k + alone.v, strict=True):
                 full[i, :, pos - m : pos] = part[0]
         self.starts[i] = pos - m
@@ -155,5 +172,6 @@ class RunningBatch:
         cache has reached the model's context: it keeps its last block_size // 2 tokens (the last one to be fed)."""
         for i, row in enumerate(self.rows):
             if self.starts[i] == 0:
-                self._place(i, row.tokens[-max(1, self.capacity // 2) : -1])
+                context = row.tokens[-max(1, self.capacity // 2) : -1]
+                self._place(i, len(context), self._prefill(context))
         self._shift(-min(self.starts))

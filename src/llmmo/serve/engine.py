@@ -106,12 +106,19 @@ class Engine:
         torch.set_num_threads(decoding_threads(self.threads))
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self) -> None:
-        """Stop after the step in progress; requests still running or waiting get an error (none is left hanging)."""
-        self._stop.set()
+        """Stop after the step in progress; requests still running or waiting get an error (none is left hanging).
+        An HTTP server stops its engine once its requests are answered (uvicorn's graceful shutdown)."""
+        with self._lock:  # no submit lands after the queue is emptied below
+            self._stop.set()
         self._thread.join(timeout=30)
-        for row in self.batch.rows:
-            row.owner.on_event({"error": "the server is shutting down"})
+        if not self._thread.is_alive():  # else its rows are still its own; the daemon thread ends with us
+            for row in self.batch.rows:
+                row.owner.on_event({"error": "the server is shutting down"})
         while not self.waiting.empty():
             self.waiting.get_nowait().on_event({"error": "the server is shutting down"})
 
@@ -122,7 +129,7 @@ class Engine:
             if self.stats.waiting >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting already")
             self.stats.waiting += 1
-        self.waiting.put(request)
+            self.waiting.put(request)
 
     def _run(self) -> None:
         with eval_mode(self.model):
@@ -131,14 +138,15 @@ class Engine:
                     self._admit()
                     if self.batch.rows:
                         self._step()
-                except Exception as e:  # a failed step fails its requests, never the server
+                except Exception as e:  # a failed step (out of memory) fails its requests, never the server
                     for row in self.batch.rows:
                         with contextlib.suppress(Exception):
                             row.owner.on_event({"error": f"{type(e).__name__}: {e}"})
-                    self.batch = RunningBatch(self.model, self.tokenizer.vocab_size, self.max_batch)
+                    self.batch.clear()  # in place: a new cache could fail to allocate as well
                 self.stats.running = len(self.batch)
                 if self.on_step is not None:
-                    self.on_step()
+                    with contextlib.suppress(Exception):  # the events' way out is gone: the owner is stopping us
+                        self.on_step()
 
     def _admit(self) -> None:
         """Waiting requests join the batch while it has room; with no row running, wait for one (up to 0.1 s)."""
@@ -154,12 +162,15 @@ class Engine:
                 self._count(reason, 0)
                 r.on_event({"finish_reason": reason, "completion_tokens": 0, "prompt_tokens": len(r.prompt_ids)})
                 continue
-            text = RowText(self.tokenizer, r.prompt_ids, r.gen.stop)
+            row = self.batch.row(r.prompt_ids, r.gen, RowText(self.tokenizer, r.prompt_ids, r.gen.stop), owner=r)
             try:
-                self.batch.add(self.batch.row(r.prompt_ids, r.gen, text, owner=r))
-            except Exception as e:  # this request's prompt, not the batch, is at fault
-                r.on_event({"error": f"{type(e).__name__}: {e}"})
-                continue
+                self.batch.add(row)
+            except Exception as e:
+                if row not in self.batch.rows:  # else the batch's failure below tells it
+                    r.on_event({"error": f"{type(e).__name__}: {e}"})
+                if isinstance(e, ValueError):  # the prompt was refused before anything changed
+                    continue
+                raise  # out of memory or worse: the batch may be half-changed
             self.stats.prompt_tokens += len(r.prompt_ids)
 
     def _step(self) -> None:

@@ -4,8 +4,8 @@ In one process, the event loop (parsing, validating and answering requests) and 
 part of every decoding step) share the interpreter lock: each waits for the other, and on 2 cores the server
 used about one core in all (docs/LOG.md). As vLLM's V1 does with its engine core, the engine runs in a child
 process started with `spawn`, which loads the checkpoint itself. The two talk through two pipes: commands go
-down (submit, cancel, stop); after every round of the engine's loop one message comes up with that round's
-events and the engine's counters. Only token ids, settings and text cross, between two processes of this
+down (submit, cancel, stop); after a round of the engine's loop that produced events or changed its counters,
+one message comes up with both. Only token ids, settings and text cross, between two processes of this
 program (multiprocessing pickles them; nothing is read from a file that way).
 """
 
@@ -15,6 +15,7 @@ import contextlib
 import functools
 import itertools
 import multiprocessing as mp
+import signal
 import sys
 import threading
 import time
@@ -74,6 +75,10 @@ class EngineProcess:
         if self._reader.is_alive():
             self._reader.join(timeout=5)
 
+    @property
+    def alive(self) -> bool:
+        return self._gone is None and self._process.is_alive()
+
     def submit(self, request: Request) -> None:
         with self._lock:
             if self._gone is not None:
@@ -81,10 +86,13 @@ class EngineProcess:
             if len(self.pending) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting already")
             rid = next(self._ids)
-            self.pending[rid] = request
             timeout = None if request.deadline is None else request.deadline - time.monotonic()
+            try:
+                self._commands.send(("submit", rid, request.prompt_ids, request.gen, timeout))
+            except OSError:  # the process died and the reader has not noticed yet
+                raise EngineStopped("the engine process stopped; restart the server") from None
+            self.pending[rid] = request
             request.on_cancel = functools.partial(self._command, ("cancel", rid))
-            self._commands.send(("submit", rid, request.prompt_ids, request.gen, timeout))
 
     def _command(self, message: tuple) -> None:
         with self._lock:
@@ -96,29 +104,33 @@ class EngineProcess:
 
     def _read(self) -> None:
         """Hand each event to its request, and keep the counters; when the process ends, fail what is left."""
-        while True:
-            try:
-                events, stats = self._events.recv()
-            except (EOFError, OSError):
-                break
-            self.stats = EngineStats(**stats)
-            for rid, event in events:
-                ended = "finish_reason" in event or "error" in event
-                with self._lock:
-                    request = self.pending.pop(rid, None) if ended else self.pending.get(rid)
-                if request is None:
-                    continue
-                if ended:
-                    request.on_cancel = None  # nothing left to cancel over there
-                if "text" in event:
-                    request.send_text(event["text"])
-                else:
-                    request.on_event(event)
-        with self._lock:
-            self._gone = f"the engine process stopped (exit code {self._process.exitcode}); restart the server"
-            left, self.pending = list(self.pending.values()), {}
-        for request in left:
-            request.on_event({"error": self._gone})
+        try:
+            while True:
+                try:
+                    events, stats = self._events.recv()
+                except (EOFError, OSError):
+                    break
+                self.stats = EngineStats(**stats)
+                for rid, event in events:
+                    ended = "finish_reason" in event or "error" in event
+                    with self._lock:
+                        request = self.pending.pop(rid, None) if ended else self.pending.get(rid)
+                    if request is None:
+                        continue
+                    if ended:
+                        request.on_cancel = None  # nothing left to cancel over there
+                    with contextlib.suppress(Exception):  # one request's closed loop must not stop the others'
+                        if "text" in event:
+                            request.send_text(event["text"])
+                        else:
+                            request.on_event(event)
+        finally:
+            with self._lock:
+                self._gone = "the engine process stopped; restart the server"
+                left, self.pending = list(self.pending.values()), {}
+            for request in left:
+                with contextlib.suppress(Exception):
+                    request.on_event({"error": self._gone})
 
 
 def serve_engine(
@@ -126,6 +138,7 @@ def serve_engine(
 ) -> None:
     """The engine process: load the checkpoint, say ready, then take commands until told to stop (or until the
     server is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
     try:
         from llmmo.checkpoint import load_checkpoint
 
@@ -141,11 +154,15 @@ def serve_engine(
         if "finish_reason" in event or "error" in event:
             requests.pop(rid, None)
 
+    sent: list[dict] = [{}]  # the counters last sent
+
     def flush() -> None:
-        if outbox:
+        stats = asdict(engine.stats)
+        if outbox or stats != sent[0]:
             round_events = outbox[:]
             del outbox[:]
-            events.send((round_events, asdict(engine.stats)))
+            events.send((round_events, stats))
+            sent[0] = stats
 
     tokenizer = ckpt.tokenizer
     # the server bounds the queue (it knows what it has sent); here every request it sends is taken
