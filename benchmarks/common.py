@@ -11,24 +11,32 @@ import time
 import torch
 
 
-def matmul_flops_per_s(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 4.0) -> float:
-    """The best rate of square matrix products of a few sizes, measured now: the denominator of MFU.
-
-    Never a hard-coded peak: what this machine's BLAS does today, under today's load."""
-    best = 0.0
+def matmul_rates(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 4.0) -> dict[str, float]:
+    """The best rate (FLOP/s) of square matrix products of a few sizes, measured now, by library; the
+    denominator of MFU is the best of them. Never a hard-coded peak: what this machine's libraries do today,
+    under today's load. The libraries: "torch" (`a @ b`: MKL's sgemm on a CPU) and, for fp32 on a CPU, "onednn"
+    (llmmo.onednn's product). On this project's AMD CPUs oneDNN is ~2.3x MKL, so a peak measured with MKL alone
+    is not the machine's (docs/LOG.md)."""
+    products = {"torch": lambda a, b: a @ b}
+    if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        products["onednn"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     sizes = (1024, 2048, 4096) if device == "cpu" else (4096, 8192)  # large products, as "peak" means
-    for n in sizes:
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        a @ b  # warm-up
-        deadline = time.perf_counter() + seconds / len(sizes)
-        while time.perf_counter() < deadline:
-            sync(device)
-            start = time.perf_counter()
-            a @ b
-            sync(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
+    rates = {}
+    for name, product in products.items():
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, dtype=dtype, device=device)
+            b = torch.randn(n, n, dtype=dtype, device=device)
+            product(a, b)  # warm-up
+            deadline = time.perf_counter() + seconds / len(sizes) / len(products)
+            while time.perf_counter() < deadline:
+                sync(device)
+                start = time.perf_counter()
+                product(a, b)
+                sync(device)
+                best = max(best, 2 * n**3 / (time.perf_counter() - start))
+        rates[name] = best
+    return rates
 
 
 def sync(device: str) -> None:

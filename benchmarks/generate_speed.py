@@ -22,7 +22,7 @@ from benchmarks.shapes import SHAPES
 from llmmo.config import ModelConfig, resolve_model
 from llmmo.generate import GenerationConfig, compile_decoder, generate_ids
 from llmmo.model import Transformer
-from llmmo.packed import pack_linears
+from llmmo.onednn import pack_linears
 
 VOCAB, CONTEXT, PROMPT, NEW, TOP_K = 65, 256, 16, 200, 50
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks.common import matmul_flops_per_s, peak_rss_mib, sync
+from benchmarks.common import matmul_rates, peak_rss_mib, sync
 from benchmarks.shapes import SHAPES
 from llmmo.config import load_config
 from llmmo.train import Trainer
@@ -26,6 +26,7 @@ def measure(
     compile: bool = False,
     dtype: str = "fp32",
     windows: int = 5,
+    matmul: str = "auto",
 ) -> dict:
     overrides = SHAPES[shape] | {
         "model.family": family,
@@ -33,6 +34,7 @@ def measure(
         "train.device": device,
         "train.compile": compile,
         "train.dtype": dtype,
+        "train.matmul": matmul,
         "train.max_steps": 10**6,
         "train.out_dir": tempfile.mkdtemp(prefix="llmmo-bench-"),
     }
@@ -48,7 +50,8 @@ def measure(
             trainer.train_step()
         sync(device)
         seconds = min(seconds, (time.perf_counter() - start) / steps)
-    peak = matmul_flops_per_s(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device)
+    rates = matmul_rates(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device)
+    peak = max(rates.values())
     tokens_per_s = trainer.tokens_per_step / seconds
     achieved = tokens_per_s * trainer.flops_per_token
     c = trainer.model.cfg
@@ -61,6 +64,9 @@ def measure(
         "tokens_per_s": tokens_per_s,
         "model_gflops": achieved / 1e9,
         "matmul_gflops": peak / 1e9,
+        "torch_mm_gflops": rates["torch"] / 1e9,  # MKL's on a CPU: the denominator before oneDNN was measured
+        "mfu_vs_torch_mm": achieved / rates["torch"],
+        "matmul": trainer.cfg.train.matmul,
         "mfu": achieved / peak,
         "mfu_6n": tokens_per_s * (trainer.flops_per_token - attention) / peak,
         "dtype": dtype,
@@ -78,8 +84,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--matmul", default="auto", choices=("auto", "torch", "onednn"))
     args = parser.parse_args()
-    print(json.dumps(measure(args.shape, args.steps, args.device, args.family, args.compile, args.dtype, args.windows)))
+    a = args
+    print(json.dumps(measure(a.shape, a.steps, a.device, a.family, a.compile, a.dtype, a.windows, a.matmul)))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from llmmo.generate import (
     top_p_filter,
 )
 from llmmo.model import KVCache, Transformer
-from llmmo.packed import PackedLinear, can_pack, pack_linears
+from llmmo.onednn import PackedLinear, can_use, pack_linears
 from llmmo.tokenizer import bpe_tokenizer, char_tokenizer, word_tokenizer
 
 TEXT = "hello world! the quick brown fox jumps over the lazy dog. 0123456789\n"
@@ -172,7 +172,7 @@ def test_packed_linears_compute_the_same_logits_and_tokens(family, n_kv_head):
     assert collect(generate_ids(packed, prompts, gen)) == collect(generate_ids(model, prompts, gen))
     half = tiny().to(torch.bfloat16)
     assert (
-        not can_pack(half)
+        not can_use(half)
         and pack_linears(half) is half
         and not any(isinstance(m, PackedLinear) for m in half.modules())
     )

@@ -301,7 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--pack's oneDNN layers cannot be compiled; choose --compile (one prompt) or --pack")
     model = ckpt.model
     if args.pack:
-        from llmmo.packed import pack_linears
+        from llmmo.onednn import pack_linears
 
         model = pack_linears(model, rows=len(prompts))
     model = compile_decoder(model) if args.compile else model

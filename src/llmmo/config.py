@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adam", "muon"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.sampler": ("random", "epoch"),
+    "train.matmul": ("auto", "torch", "onednn"),
     "train.parallel": ("ddp", "fsdp"),
 }
 
@@ -113,6 +114,9 @@ class TrainConfig:
     out_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, ckpt-latest/, ckpt-best/
     resume: bool = False  # continue from out_dir/ckpt-latest
     compile: bool = False  # torch.compile the model
+    # linear layers' products: onednn (CPU, fp32: ~2x MKL on AMD CPUs, llmmo.onednn) | torch | auto: onednn on a
+    # CPU in fp32 without compile, torch elsewhere
+    matmul: str = "auto"
     dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     parallel: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it per block, FSDP2)
@@ -301,7 +305,7 @@ def resolve_config(cfg: Config) -> Config:
     """A copy of `cfg` with every implied value filled in and every impossible combination refused."""
     cfg = copy.deepcopy(cfg)
     d, t = cfg.data, cfg.train
-    for key in ("data.tokenizer", "train.optimizer", "train.dtype", "train.sampler", "train.parallel"):
+    for key in ("data.tokenizer", "train.optimizer", "train.dtype", "train.sampler", "train.parallel", "train.matmul"):
         section, name = key.split(".")
         if key == "data.tokenizer" and d.tokenizer == "hf":  # an imported checkpoint's own: used, never trained
             continue

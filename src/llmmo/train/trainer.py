@@ -39,6 +39,7 @@ from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
 from llmmo.fileio import write_text_atomic
 from llmmo.model import Transformer
+from llmmo.onednn import onednn_linears
 from llmmo.tokenizer import Tokenizer
 from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
@@ -166,6 +167,8 @@ class Trainer:
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
         bf16 = uses_bf16(self.device, t.dtype)
+        if t.matmul == "onednn" or (t.matmul == "auto" and not bf16 and not t.compile):
+            onednn_linears(self.model)  # a CPU fp32 model only; elsewhere it stays as it is
         self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
         self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.optimizer = build_optimizer(self.model, t)
@@ -178,6 +181,7 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()
 
         self.step, self.tokens, self.best_val_loss, self.elapsed_before = 0, 0, math.inf, 0.0
+        self.stop_requested, self.time_up = False, False  # train_step reads them (benchmarks call it alone)
         self.resumed = resumed is not None
         if resumed:
             self._restore(resumed)

@@ -1,0 +1,93 @@
+"""Linear layers through oneDNN's matrix products on a CPU: transforms of an unmodified model.
+
+PyTorch's fp32 `F.linear` on a CPU calls MKL's sgemm. On this project's machines (2-core AMD EPYC with AVX-512)
+MKL reaches ~210 GFLOP/s on large products where oneDNN (the library behind Intel's IPEX and Inductor's CPU
+freezing) reaches ~500, and with few rows (decoding: one token per sequence) MKL re-packs the weight into its
+kernel's layout at every call, which costs as much as the product (docs/LOG.md). Two transforms:
+
+- `onednn_linears(model)`: every nn.Linear computes its forward and both backward products with oneDNN (to
+  rounding, the same numbers). For training; the parameters are untouched.
+- `pack_linears(model)`: for inference, oneDNN packs each weight once and reuses it. A weight changed later
+  is not seen, and the packed op has no backward.
+
+Both apply only where `can_use` holds (oneDNN in this torch build, fp32 weights on the CPU), else they return
+the model as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_linear = torch.ops.mkldnn._linear_pointwise  # (x, weight (out, in), bias, "none", [], "") -> x @ weight^T + bias
+
+
+def can_use(model: nn.Module) -> bool:
+    """oneDNN is in this torch build, and the model's weights are fp32 on the CPU."""
+    param = next(model.parameters())
+    return torch.backends.mkldnn.is_available() and param.device.type == "cpu" and param.dtype == torch.float32
+
+
+class _LinearFunction(torch.autograd.Function):
+    """y = x W^T + b, and its gradients, as three oneDNN products (transposes are strides, not copies)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g, x2 = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))  # (M, out), (M, in)
+        grad_x = _linear(g, weight.t(), None, "none", [], "").view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = _linear(g.t(), x2.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None  # (out, in)
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose products are oneDNN's; made by `onednn_linears` changing a layer's class (same state)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":  # autocast or a moved model: the usual path
+            return F.linear(x, self.weight, self.bias)
+        return _LinearFunction.apply(x, self.weight, self.bias)
+
+
+def onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of `model` an OneDNNLinear, in place; return the model."""
+    if can_use(model):
+        for module in model.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = OneDNNLinear
+    return model
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear for inference through oneDNN, with the weight packed for products of about `rows` rows."""
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same parameters: state_dict and tying unchanged
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)  # not in state_dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module, rows: int = 8) -> nn.Module:
+    """Replace every nn.Linear of `model` (plain or OneDNNLinear) by a PackedLinear, in place; return the model.
+    `rows` tunes the packing for products of that many rows (decoding a batch of that size); other sizes work
+    too. The packed copies are extra memory of the weights' size."""
+    if not can_use(model):
+        return model
+    with torch.no_grad():
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) in (nn.Linear, OneDNNLinear):
+                    setattr(module, name, PackedLinear(child, rows))
+    return model
