@@ -43,7 +43,12 @@ class _LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g, x2 = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))  # (M, out), (M, in)
         grad_x = _linear(g, weight.t(), None, "none", [], "").view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = _linear(g.t(), x2.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None  # (out, in)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # g^T x, (out, in). oneDNN copies a transposed input to rows: the smaller one
+            if x2.size(1) < g.size(1):
+                grad_w = _linear(x2.t(), g.t(), None, "none", [], "").t()  # (x^T g)^T
+            else:
+                grad_w = _linear(g.t(), x2.t(), None, "none", [], "")
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
