@@ -189,6 +189,7 @@ def compile_decoder(model: nn.Module) -> nn.Module:
     """
     # single-row products only: from two rows up the library's matrix product reads each weight once for all
     options = {
+        "size_asserts": False,  # 96 Python-level checks of input shapes per step of the 10.7M shape (cProfile)
         "post_grad_fusion_options": {
             "decompose_mm_pass": {
                 "cpu_max_first_dimension_decomposition": 1,
