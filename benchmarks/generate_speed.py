@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -71,14 +73,18 @@ def hf_model(model: Transformer) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def time_best(fn, *args, repeats: int) -> float:
-    """Best wall time of `repeats` calls, after one warm-up call."""
-    fn(*args)
-    best = float("inf")
+def time_interleaved(cases: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Best wall time of each case over `repeats` rounds in which the cases take turns (after a warm-up call
+    each): a slow spell of the shared machine then falls on every case, not on one (runs one after the other
+    moved ratios by 30% between runs; docs/LOG.md)."""
+    for fn in cases.values():
+        fn()
+    best = dict.fromkeys(cases, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -113,11 +119,18 @@ def measure(shape: str, family: str, repeats: int) -> list[dict]:
         start = time.perf_counter()
         run_llmmo(compiled, prompts, gen)  # compiles the prompt's and the decoding step's graphs
         compile_s = time.perf_counter() - start
-        t_compiled = time_best(run_llmmo, compiled, prompts, gen, repeats=repeats)
+        packed = pack_linears(copy.deepcopy(ours), rows=batch)
+        t = time_interleaved(
+            {
+                "eager": functools.partial(run_llmmo, ours, prompts, gen),
+                "compiled": functools.partial(run_llmmo, compiled, prompts, gen),
+                "packed": functools.partial(run_llmmo, packed, prompts, gen),
+                "hf": functools.partial(run_hf, theirs, prompts),
+            },
+            repeats,
+        )
         torch._dynamo.reset()  # the next batch size compiles afresh (static shapes), as a new process would
-        t_eager = time_best(run_llmmo, ours, prompts, gen, repeats=repeats)
-        t_packed = time_best(run_llmmo, pack_linears(copy.deepcopy(ours), rows=batch), prompts, gen, repeats=repeats)
-        t_hf = time_best(run_hf, theirs, prompts, repeats=repeats)
+        t_eager, t_compiled, t_packed, t_hf = t["eager"], t["compiled"], t["packed"], t["hf"]
         rows.append(
             {
                 "shape": shape,
@@ -140,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=list(SHAPES), required=True)
     parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(json.dumps(measure(args.shape, args.family, args.repeats)))
 
