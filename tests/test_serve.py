@@ -19,9 +19,9 @@ import torch
 
 from llmmo.checkpoint import save_checkpoint
 from llmmo.config import DataConfig, ModelConfig, resolve_model
-from llmmo.finetune.chat import add_chat_tokens
+from llmmo.finetune.chat import add_chat_tokens, encode_chat
 from llmmo.model import Transformer
-from llmmo.tokenizer import train_tokenizer
+from llmmo.tokenizer import Tokenizer, train_tokenizer
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'llmmo[serve]'")
 httpx = pytest.importorskip("httpx")
@@ -225,7 +225,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(server: str, t
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def test_the_chat_page_streams_a_reply_in_a_browser(server: str, tmp_path: Path) -> None:
+def test_the_chat_page_streams_a_reply_in_a_browser(server: str, chat_checkpoint: Path, tmp_path: Path) -> None:
     page_html = httpx.get(f"{server}/").text
     assert "tiny-chat" in page_html and "/v1/chat/completions" in page_html
     playwright = pytest.importorskip("playwright.sync_api")
@@ -250,6 +250,16 @@ def test_the_chat_page_streams_a_reply_in_a_browser(server: str, tmp_path: Path)
         page.click("#send")
         page.wait_for_function("document.querySelector('#reply-3') && document.querySelector('#reply-3').dataset.done")
         assert len(page.query_selector_all(".msg.user")) == 2
+        # a message that fits the context alone, not with the conversation: the page leaves out old exchanges
+        tokenizer = Tokenizer.load(chat_checkpoint / "tokenizer.json")
+        words = 1
+        while len(encode_chat(tokenizer, [{"role": "user", "content": "apples " * words}], True)[0]) < 1016:
+            words += 1
+        page.fill("#input", "apples " * words)
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#reply-5') && document.querySelector('#reply-5').dataset.done")
+        assert not page.text_content("#reply-5").startswith("error"), page.text_content("#reply-5")
+        assert "earlier messages no longer fit the context)" in page.text_content("#log")
         page.screenshot(path=str(tmp_path / "chat.png"))
         browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 1000
