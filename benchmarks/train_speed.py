@@ -15,6 +15,7 @@ import torch
 from benchmarks.common import matmul_rates, peak_rss_mib, sync
 from benchmarks.shapes import SHAPES
 from llmmo.config import load_config
+from llmmo.onednn import OneDNNLinear
 from llmmo.train import Trainer
 
 
@@ -66,7 +67,7 @@ def measure(
         "matmul_gflops": peak / 1e9,
         "torch_mm_gflops": rates["torch"] / 1e9,  # MKL's on a CPU: the denominator before oneDNN was measured
         "mfu_vs_torch_mm": achieved / rates["torch"],
-        "matmul": trainer.cfg.train.matmul,
+        "matmul": "onednn" if any(isinstance(m, OneDNNLinear) for m in trainer.model.modules()) else "torch",
         "mfu": achieved / peak,
         "mfu_6n": tokens_per_s * (trainer.flops_per_token - attention) / peak,
         "dtype": dtype,

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmmo.config import ModelConfig, resolve_model
+from llmmo.config import ModelConfig, load_config, resolve_config, resolve_model
+from llmmo.errors import ConfigError
 from llmmo.model import Transformer
 from llmmo.onednn import OneDNNLinear, can_use, onednn_linears
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not can_use(nn.Linear(1, 1)), reason="oneDNN is used on x86-64 CPUs with oneDNN only")
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -60,3 +61,24 @@ def test_a_model_trains_the_same_with_the_same_state(family):
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
     half = copy.deepcopy(plain).to(torch.bfloat16)
     assert not can_use(half) and not any(type(m) is OneDNNLinear for m in onednn_linears(half).modules())
+
+
+def test_autocast_empty_inputs_frozen_weights_and_double_backward():
+    layer = onednn_linears(nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's own path: bf16 out, as nn.Linear gives
+        assert layer(x).dtype == torch.bfloat16
+    assert layer(torch.randn(0, 8)).shape == (0, 4)  # oneDNN refuses an empty product; nn.Linear's path does not
+    layer.weight.requires_grad_(False)  # a frozen base (LoRA): only the input's and the bias' gradients
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and x.grad is not None and layer.bias.grad is not None
+    layer.weight.requires_grad_(True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        grad.sum().backward()  # no second derivative: an error, not a wrong number
+
+
+def test_matmul_onednn_with_compile_is_refused():
+    with pytest.raises(ConfigError, match="train.matmul=onednn"):
+        resolve_config(load_config(overrides={"train.matmul": "onednn", "train.compile": True}))

@@ -114,8 +114,8 @@ class TrainConfig:
     out_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, ckpt-latest/, ckpt-best/
     resume: bool = False  # continue from out_dir/ckpt-latest
     compile: bool = False  # torch.compile the model
-    # linear layers' products: onednn (CPU, fp32: ~2x MKL on AMD CPUs, llmmo.onednn) | torch | auto: onednn on a
-    # CPU in fp32 without compile, torch elsewhere
+    # linear layers' products: onednn (x86-64 CPU, fp32: ~2x MKL's on AMD CPUs, llmmo.onednn) | torch | auto: onednn
+    # on an AMD CPU in fp32 without compile, torch elsewhere
     matmul: str = "auto"
     dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -334,6 +334,8 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
+    if t.matmul == "onednn" and t.compile:
+        raise ConfigError("train.matmul=onednn is not compiled (oneDNN's op is opaque to Inductor); drop one of them")
     if t.epochs > 0 and t.sampler != "epoch":
         raise ConfigError("train.epochs needs train.sampler=epoch (each window once per epoch)")
     if t.max_steps <= 0 and t.epochs <= 0 and t.max_tokens <= 0:

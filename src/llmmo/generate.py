@@ -195,7 +195,7 @@ def compile_decoder(model: nn.Module) -> nn.Module:
                 "cpu_max_first_dimension_decomposition": 1,
                 "cpu_max_other_dimension_decomposition": 1 << 16,
             }
-        }
+        },
     }
     return torch.compile(model, options=options)
 

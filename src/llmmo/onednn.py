@@ -10,23 +10,44 @@ kernel's layout at every call, which costs as much as the product (docs/LOG.md).
 - `pack_linears(model)`: for inference, oneDNN packs each weight once and reuses it. A weight changed later
   is not seen, and the packed op has no backward.
 
-Both apply only where `can_use` holds (oneDNN in this torch build, fp32 weights on the CPU), else they return
-the model as it is.
+Both apply only where `can_use` holds (an x86-64 CPU, oneDNN in this torch build, fp32 weights on the CPU),
+else they return the model as it is.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_linear = torch.ops.mkldnn._linear_pointwise  # (x, weight (out, in), bias, "none", [], "") -> x @ weight^T + bias
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *post_op) -> torch.Tensor:
+    """x @ weight^T + bias with oneDNN; weight is (out, in), a packed or a plain (strided) tensor. Looked up when
+    called: a torch build without oneDNN imports this module too."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post_op)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel"); "" where /proc/cpuinfo does not say."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def can_use(model: nn.Module) -> bool:
-    """oneDNN is in this torch build, and the model's weights are fp32 on the CPU."""
+    """An x86-64 CPU (where oneDNN's JIT kernels were measured), oneDNN in this torch build, and the model's
+    weights fp32 on the CPU."""
     param = next(model.parameters())
-    return torch.backends.mkldnn.is_available() and param.device.type == "cpu" and param.dtype == torch.float32
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and param.device.type == "cpu"
+        and param.dtype == torch.float32
+    )
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -39,6 +60,7 @@ class _LinearFunction(torch.autograd.Function):
         return _linear(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's op has no derivative: refuse a second backward
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         g, x2 = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))  # (M, out), (M, in)
@@ -57,16 +79,23 @@ class OneDNNLinear(nn.Linear):
     """nn.Linear whose products are oneDNN's; made by `onednn_linears` changing a layer's class (same state)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":  # autocast or a moved model: the usual path
+        if not _fits(x, self.weight) or torch.is_autocast_enabled("cpu"):  # autocast casts inside F.linear
             return F.linear(x, self.weight, self.bias)
         return _LinearFunction.apply(x, self.weight, self.bias)
 
 
+def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's op takes this input (fp32 on the CPU, not empty) and this weight (a plain fp32 CPU tensor, not
+    a quantized tensor subclass)."""
+    plain = type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == torch.float32
+    return plain and x.dtype == torch.float32 and x.device.type == weight.device.type == "cpu" and x.numel() > 0
+
+
 def onednn_linears(model: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear of `model` an OneDNNLinear, in place; return the model."""
+    """Make every plain fp32 nn.Linear of `model` an OneDNNLinear, in place; return the model."""
     if can_use(model):
         for module in model.modules():
-            if type(module) is nn.Linear:
+            if type(module) is nn.Linear and _fits(module.weight, module.weight):
                 module.__class__ = OneDNNLinear
     return model
 
@@ -81,6 +110,8 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)  # not in state_dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fits(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
         return _linear(x, self.packed, self.bias, "none", [], "")
 
 
@@ -93,6 +124,6 @@ def pack_linears(model: nn.Module, rows: int = 8) -> nn.Module:
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
-                if type(child) in (nn.Linear, OneDNNLinear):
+                if type(child) in (nn.Linear, OneDNNLinear) and _fits(child.weight, child.weight):
                     setattr(module, name, PackedLinear(child, rows))
     return model

@@ -95,7 +95,7 @@ def prune_structured(
     cfg = model.cfg
     new_cfg = pruned_config(cfg, heads_removed, neurons_removed)
     layers = [type(m).__name__ for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.proj)]
-    if any(name != "Linear" for name in layers):
+    if any(name not in ("Linear", "OneDNNLinear") for name in layers):  # OneDNNLinear: a model trained on a CPU
         raise ConfigError(
             "structured pruning needs the float Linear layers; prune the checkpoint before quantizing or factorizing it"
         )

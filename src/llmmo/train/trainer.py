@@ -39,7 +39,7 @@ from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
 from llmmo.fileio import write_text_atomic
 from llmmo.model import Transformer
-from llmmo.onednn import onednn_linears
+from llmmo.onednn import cpu_vendor, onednn_linears
 from llmmo.tokenizer import Tokenizer
 from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
@@ -167,8 +167,10 @@ class Trainer:
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
         bf16 = uses_bf16(self.device, t.dtype)
-        if t.matmul == "onednn" or (t.matmul == "auto" and not bf16 and not t.compile):
-            onednn_linears(self.model)  # a CPU fp32 model only; elsewhere it stays as it is
+        # a CPU fp32 model only (elsewhere it stays as it is); auto: where it was measured faster (AMD, docs/LOG.md)
+        amd = cpu_vendor() == "AuthenticAMD"
+        if t.matmul == "onednn" or (t.matmul == "auto" and amd and not bf16 and not t.compile):
+            onednn_linears(self.model)
         self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
         self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.optimizer = build_optimizer(self.model, t)
