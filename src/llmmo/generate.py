@@ -139,6 +139,13 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def hide_padding_ids(logits: torch.Tensor, vocab_size: int | None) -> None:
+    """Ids at and above the tokenizer's size in (B, V) logits (a model whose vocabulary is padded, e.g. to a
+    multiple of 64) stand for no text: they are never picked. In place."""
+    if vocab_size is not None and vocab_size < logits.size(-1):
+        logits[:, vocab_size:] = float("-inf")
+
+
 def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A random stream of its own for a seeded config; None (torch's global stream) without a seed."""
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -287,8 +294,7 @@ class BatchDecoder:
     def step(self) -> list[int | None]:
         """The next token of every row; None for rows that had already finished."""
         logits = self._logits_with_cache() if self.gen.use_cache else self._logits_without_cache()
-        if self.vocab_size is not None and self.vocab_size < logits.size(-1):
-            logits[:, self.vocab_size :] = float("-inf")
+        hide_padding_ids(logits, self.vocab_size)
         if self.per_row:
             tokens = sample_rows(logits, self.gens, self.seen, self.generators)
         else:

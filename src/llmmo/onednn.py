@@ -10,8 +10,8 @@ kernel's layout at every call, which costs as much as the product (docs/LOG.md).
 - `pack_linears(model)`: for inference, oneDNN packs each weight once and reuses it. A weight changed later
   is not seen, and the packed op has no backward.
 
-Both apply only where `can_use` holds (an x86-64 CPU, oneDNN in this torch build, fp32 weights on the CPU),
-else they return the model as it is.
+Both apply only where oneDNN is `available` (an x86-64 CPU, oneDNN in this torch build), and only to layers
+whose weights are plain fp32 tensors on the CPU; other layers stay as they are.
 """
 
 from __future__ import annotations
@@ -38,16 +38,9 @@ def cpu_vendor() -> str:
         return ""
 
 
-def can_use(model: nn.Module) -> bool:
-    """An x86-64 CPU (where oneDNN's JIT kernels were measured), oneDNN in this torch build, and the model's
-    weights fp32 on the CPU."""
-    param = next(model.parameters())
-    return (
-        platform.machine().lower() in ("x86_64", "amd64")
-        and torch.backends.mkldnn.is_available()
-        and param.device.type == "cpu"
-        and param.dtype == torch.float32
-    )
+def available() -> bool:
+    """An x86-64 CPU (where oneDNN's JIT kernels were measured), and oneDNN in this torch build."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -93,7 +86,7 @@ def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def onednn_linears(model: nn.Module) -> nn.Module:
     """Make every plain fp32 nn.Linear of `model` an OneDNNLinear, in place; return the model."""
-    if can_use(model):
+    if available():
         for module in model.modules():
             if type(module) is nn.Linear and _fits(module.weight, module.weight):
                 module.__class__ = OneDNNLinear
@@ -119,7 +112,7 @@ def pack_linears(model: nn.Module, rows: int = 8) -> nn.Module:
     """Replace every nn.Linear of `model` (plain or OneDNNLinear) by a PackedLinear, in place; return the model.
     `rows` tunes the packing for products of that many rows (decoding a batch of that size); other sizes work
     too. The packed copies are extra memory of the weights' size."""
-    if not can_use(model):
+    if not available():
         return model
     with torch.no_grad():
         for module in list(model.modules()):

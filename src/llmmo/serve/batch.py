@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from llmmo.generate import GenerationConfig, RowText, sample_rows, seeded_generator
+from llmmo.generate import GenerationConfig, RowText, hide_padding_ids, sample_rows, seeded_generator
 from llmmo.model import KVCache
 
 
@@ -38,7 +38,7 @@ class Row:
     text: RowText  # its new tokens as text: stop strings, characters split across tokens
     generator: torch.Generator | None  # its own random stream when it has a seed
     owner: Any = None  # what the row is decoded for (the server's request)
-    tokens: list[int] = field(default_factory=list)  # prompt + completion; the last is fed by the next step
+    tokens: list[int] = field(init=False)  # prompt + completion; the last is fed by the next step
     new_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -128,8 +128,7 @@ class RunningBatch:
         logits, _ = self.model(last, kv_cache=window)  # (n, 1, V)
         cache.advance(1)
         logits = logits[:, -1]
-        if self.vocab_size < logits.size(-1):  # ids past the tokenizer's (a padded vocabulary) are no text
-            logits[:, self.vocab_size :] = float("-inf")
+        hide_padding_ids(logits, self.vocab_size)
         gens = [row.gen for row in self.rows]
         seen = self.seen[:n] if self.seen is not None and any(g.repetition_penalty != 1 for g in gens) else None
         tokens = sample_rows(logits, gens, seen, [row.generator for row in self.rows]).tolist()

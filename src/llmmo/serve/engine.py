@@ -158,9 +158,7 @@ class Engine:
             with self._lock:
                 self.stats.waiting -= 1
             if r.cancelled.is_set() or r.gen.max_new_tokens == 0:  # its client left while it waited; or no budget
-                reason = "cancelled" if r.cancelled.is_set() else "length"
-                self._count(reason, 0)
-                r.on_event({"finish_reason": reason, "completion_tokens": 0, "prompt_tokens": len(r.prompt_ids)})
+                self._finish(r, "cancelled" if r.cancelled.is_set() else "length", 0)
                 continue
             row = self.batch.row(r.prompt_ids, r.gen, RowText(self.tokenizer, r.prompt_ids, r.gen.stop), owner=r)
             try:
@@ -194,9 +192,12 @@ class Engine:
         for i, reason in reversed(ended):
             self._end(i, reason)
 
-    def _count(self, reason: str, completion_tokens: int) -> None:
+    def _finish(self, r: Request, reason: str, completion_tokens: int) -> None:
+        """Count a finished request and send its finish event."""
         self.stats.completion_tokens += completion_tokens
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        event = {"finish_reason": reason, "completion_tokens": completion_tokens, "prompt_tokens": len(r.prompt_ids)}
+        r.on_event(event)
 
     def _end(self, i: int, reason: str) -> None:
         """Row i's reply ended: what it held back goes out (unless its client left), then its finish event."""
@@ -205,6 +206,5 @@ class Engine:
         rest = "" if row.text.done else row.text.finish()
         if rest and reason != "cancelled":
             r.send_text(rest)
-        self._count(reason, row.new_tokens)
-        r.on_event({"finish_reason": reason, "completion_tokens": row.new_tokens, "prompt_tokens": len(r.prompt_ids)})
+        self._finish(r, reason, row.new_tokens)
         self.batch.remove(i)
