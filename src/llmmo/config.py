@@ -114,8 +114,8 @@ class TrainConfig:
     out_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, ckpt-latest/, ckpt-best/
     resume: bool = False  # continue from out_dir/ckpt-latest
     compile: bool = False  # torch.compile the model
-    # linear layers' products: onednn (x86-64 CPU, fp32: ~2x MKL's on AMD CPUs, llmmo.onednn) | torch | auto: onednn
-    # on an AMD CPU in fp32 without compile, torch elsewhere
+    # linear layers' products: onednn (x86-64 CPU, fp32; llmmo.onednn) | torch | auto: onednn on an AMD CPU in fp32
+    # without compile where MKL's fast path is off (llmmo.cpu; oneDNN is then ~2x MKL), torch elsewhere
     matmul: str = "auto"
     dtype: str = "auto"  # auto (bf16 autocast where the device supports it fast, else fp32) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -1,9 +1,10 @@
 """Linear layers through oneDNN's matrix products on a CPU: transforms of an unmodified model.
 
-PyTorch's fp32 `F.linear` on a CPU calls MKL's sgemm. On this project's machines (2-core AMD EPYC with AVX-512)
-MKL reaches ~210 GFLOP/s on large products where oneDNN (the library behind Intel's IPEX and Inductor's CPU
-freezing) reaches ~500, and with few rows (decoding: one token per sequence) MKL re-packs the weight into its
-kernel's layout at every call, which costs as much as the product (docs/LOG.md). Two transforms:
+PyTorch's fp32 `F.linear` on a CPU calls MKL's sgemm. On an AMD CPU MKL takes a generic path unless
+`llmmo.cpu.mkl_fast_path` applies: on this project's machines (2-core AMD EPYC with AVX-512) that path reaches
+~210 GFLOP/s on large products where oneDNN (the library behind Intel's IPEX and Inductor's CPU freezing)
+reaches ~500. With few rows (decoding: one token per sequence) MKL re-packs the weight into its kernel's layout
+at every call, which costs as much as the product (docs/LOG.md). Two transforms:
 
 - `onednn_linears(model)`: every nn.Linear computes its forward and both backward products with oneDNN (to
   rounding, the same numbers). For training; the parameters are untouched.
@@ -27,15 +28,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *p
     """x @ weight^T + bias with oneDNN; weight is (out, in), a packed or a plain (strided) tensor. Looked up when
     called: a torch build without oneDNN imports this module too."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post_op)
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel"); "" where /proc/cpuinfo does not say."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
 
 
 def available() -> bool:

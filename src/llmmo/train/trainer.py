@@ -24,6 +24,7 @@ import yaml
 
 from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmmo.config import Config, config_to_dict, resolve_config, resolve_model
+from llmmo.cpu import cpu_vendor, mkl_fast_path
 from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
 from llmmo.distributed import (
     World,
@@ -39,7 +40,7 @@ from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
 from llmmo.fileio import write_text_atomic
 from llmmo.model import Transformer
-from llmmo.onednn import cpu_vendor, onednn_linears
+from llmmo.onednn import onednn_linears
 from llmmo.tokenizer import Tokenizer
 from llmmo.train.metrics import MetricsLog
 from llmmo.train.optim import build_optimizer, lr_at
@@ -167,9 +168,10 @@ class Trainer:
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
         bf16 = uses_bf16(self.device, t.dtype)
-        # a CPU fp32 model only (elsewhere it stays as it is); auto: where it was measured faster (AMD, docs/LOG.md)
-        amd = cpu_vendor() == "AuthenticAMD"
-        if t.matmul == "onednn" or (t.matmul == "auto" and amd and not bf16 and not t.compile):
+        # a CPU fp32 model only (elsewhere it stays as it is); auto: where it was measured faster: on an AMD CPU
+        # with MKL's generic path (with MKL's AVX-512 kernels torch's products are the faster; docs/LOG.md)
+        slow_mkl = cpu_vendor() == "AuthenticAMD" and not mkl_fast_path()
+        if t.matmul == "onednn" or (t.matmul == "auto" and slow_mkl and not bf16 and not t.compile):
             onednn_linears(self.model)
         self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
         self.forward = torch.compile(self.forward) if t.compile else self.forward

@@ -1,0 +1,68 @@
+"""MKL's fast path on AMD CPUs (llmmo.cpu): applied where it can be, refused when asked, and the products it
+gives agree with float64 as MKL's generic path does. Each case runs in a fresh process: MKL keeps the vendor it
+sees first, so the choice belongs to a process."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from llmmo.cpu import cpu_vendor
+
+AMD_WITH_MKL = (
+    sys.platform == "linux"
+    and platform.machine() == "x86_64"
+    and cpu_vendor() == "AuthenticAMD"
+    and torch.backends.mkl.is_available()
+)
+
+# products as the model computes them: a large square, F.linear with a bias, and causal attention's forward
+PRODUCTS = """
+import sys
+import torch
+import torch.nn.functional as F
+import llmmo.model  # applies the fast path, before any product
+from llmmo.cpu import mkl_fast_path
+from safetensors.torch import save_file
+
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+x, w, bias = torch.randn(300, 384, generator=g), torch.randn(1152, 384, generator=g), torch.randn(1152, generator=g)
+q, k, v = (torch.randn(2, 3, 256, 64, generator=g) for _ in range(3))
+save_file({"mm": a @ b, "linear": F.linear(x, w, bias),
+           "attention": F.scaled_dot_product_attention(q, k, v, is_causal=True)}, sys.argv[1])
+a64, b64, x64, w64 = a.double(), b.double(), x.double(), w.double()
+q64, k64, v64 = q.double(), k.double(), v.double()
+save_file({"mm": a64 @ b64, "linear": F.linear(x64, w64, bias.double()),
+           "attention": F.scaled_dot_product_attention(q64, k64, v64, is_causal=True)}, sys.argv[2])
+print(mkl_fast_path(), mkl_fast_path())
+"""
+
+
+def products(tmp_path, name: str, env: dict[str, str]) -> tuple[bool, dict, dict]:
+    """Run PRODUCTS in a fresh process: whether the fast path applied, its fp32 results, the float64 ones."""
+    out, ref = tmp_path / f"{name}.safetensors", tmp_path / f"{name}-64.safetensors"
+    proc = subprocess.run([sys.executable, "-c", PRODUCTS, str(out), str(ref)], capture_output=True, text=True,
+                          env=os.environ | env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.split()
+    assert first == second, "mkl_fast_path answered differently when asked twice"
+    return first == "True", load_file(out), load_file(ref)
+
+
+def test_fast_path_applies_on_amd_and_is_refused_when_asked(tmp_path):
+    fast, results, reference = products(tmp_path, "fast", {})
+    assert fast is AMD_WITH_MKL, "the fast path applies exactly on Linux x86-64 AMD CPUs with MKL"
+    generic, generic_results, _ = products(tmp_path, "generic", {"LLMMO_MKL_ON_AMD": "0"})
+    assert generic is False, "LLMMO_MKL_ON_AMD=0 must leave MKL as it is"
+    for name, want in reference.items():  # both paths: fp32 products to fp32 rounding of a 1024-term sum
+        scale = want.abs().max()
+        for got in (results[name], generic_results[name]):
+            assert (got.double() - want).abs().max() <= 1e-5 * scale, name
+    if AMD_WITH_MKL:  # other kernels sum in another order: the last bits differ, so the kernels did change
+        assert not torch.equal(results["mm"], generic_results["mm"]), "the fast path did not change MKL's kernels"
