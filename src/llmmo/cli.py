@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pack",
         action="store_true",
-        help="pack the weights for oneDNN first (CPU, fp32; up to 2x faster per token with several prompts)",
+        help="pack the weights for oneDNN first (CPU, fp32; ~1.4x faster per token with 8 prompts at 10.7M)",
     )
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_generate)
