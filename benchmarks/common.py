@@ -10,13 +10,16 @@ import time
 
 import torch
 
+from llmmo.cpu import mkl_fast_path
+
 
 def matmul_rates(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 4.0) -> dict[str, float]:
     """The best rate (FLOP/s) of square matrix products of a few sizes, measured now, by library; the
     denominator of MFU is the best of them. Never a hard-coded peak: what this machine's libraries do today,
     under today's load. The libraries: "torch" (`a @ b`: MKL's sgemm on a CPU) and, for fp32 on a CPU, "onednn"
-    (llmmo.onednn's product). On this project's AMD CPUs oneDNN is ~2.3x MKL, so a peak measured with MKL alone
-    is not the machine's (docs/LOG.md)."""
+    (llmmo.onednn's product). On an AMD CPU whose MKL runs its generic path (LLMMO_MKL_ON_AMD=0, llmmo.cpu) oneDNN
+    is ~2.3x MKL, so a peak measured with MKL alone is not the machine's (docs/LOG.md)."""
+    mkl_fast_path()  # as llmmo's own code runs (a no-op if a product already ran: MKL keeps its first path)
     products = {"torch": lambda a, b: a @ b}
     if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         products["onednn"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")

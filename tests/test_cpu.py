@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,11 +24,15 @@ AMD_WITH_MKL = (
 
 # products as the model computes them: a large square, F.linear with a bias, and causal attention's forward
 PRODUCTS = """
-import sys
+import ctypes, os, sys
 import torch
 import torch.nn.functional as F
+if sys.argv[3] == "late":
+    torch.randn(8, 8) @ torch.randn(8, 8)  # a product before llmmo: MKL has picked its path
 import llmmo.model  # applies the fast path, before any product
 from llmmo.cpu import mkl_fast_path
+from llmmo.config import TrainConfig
+from llmmo.train.trainer import uses_onednn
 from safetensors.torch import save_file
 
 g = torch.Generator().manual_seed(0)
@@ -40,29 +45,46 @@ a64, b64, x64, w64 = a.double(), b.double(), x.double(), w.double()
 q64, k64, v64 = q.double(), k.double(), v.double()
 save_file({"mm": a64 @ b64, "linear": F.linear(x64, w64, bias.double()),
            "attention": F.scaled_dot_product_attention(q64, k64, v64, is_causal=True)}, sys.argv[2])
-print(mkl_fast_path(), mkl_fast_path())
+cpu_type = -1  # MKL's kernel family as its dispatcher sees it: 0 generic, > 0 Intel's (-1: no MKL here)
+if torch.backends.mkl.is_available():
+    cpu_type = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).mkl_serv_get_cpu_type(0)
+print(mkl_fast_path(), mkl_fast_path(), cpu_type, uses_onednn(TrainConfig(matmul="auto"), bf16=False))
 """
 
 
-def products(tmp_path, name: str, env: dict[str, str]) -> tuple[bool, dict, dict]:
-    """Run PRODUCTS in a fresh process: whether the fast path applied, its fp32 results, the float64 ones."""
+def products(tmp_path, name: str, env: dict[str, str], when: str = "first") -> tuple[dict, dict, dict]:
+    """Run PRODUCTS in a fresh process (the fast path asked for `first`, or `late`: after a product): what it
+    reported, its fp32 results, the float64 ones."""
     out, ref = tmp_path / f"{name}.safetensors", tmp_path / f"{name}-64.safetensors"
-    proc = subprocess.run([sys.executable, "-c", PRODUCTS, str(out), str(ref)], capture_output=True, text=True,
-                          env=os.environ | env, timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", PRODUCTS, str(out), str(ref), when], capture_output=True,
+                          text=True, env=os.environ | env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    first, second = proc.stdout.split()
+    first, second, cpu_type, onednn = proc.stdout.split()
     assert first == second, "mkl_fast_path answered differently when asked twice"
-    return first == "True", load_file(out), load_file(ref)
+    report = {"fast": first == "True", "cpu_type": int(cpu_type), "onednn": onednn == "True"}
+    return report, load_file(out), load_file(ref)
 
 
 def test_fast_path_applies_on_amd_and_is_refused_when_asked(tmp_path):
-    fast, results, reference = products(tmp_path, "fast", {})
-    assert fast is AMD_WITH_MKL, "the fast path applies exactly on Linux x86-64 AMD CPUs with MKL"
+    fast, results, reference = products(tmp_path, "fast", {"LLMMO_MKL_ON_AMD": "1"})
+    assert fast["fast"] is AMD_WITH_MKL, "the fast path applies exactly on Linux x86-64 AMD CPUs with MKL"
     generic, generic_results, _ = products(tmp_path, "generic", {"LLMMO_MKL_ON_AMD": "0"})
-    assert generic is False, "LLMMO_MKL_ON_AMD=0 must leave MKL as it is"
+    assert generic["fast"] is False, "LLMMO_MKL_ON_AMD=0 must leave MKL as it is"
     for name, want in reference.items():  # both paths: fp32 products to fp32 rounding of a 1024-term sum
         scale = want.abs().max()
         for got in (results[name], generic_results[name]):
             assert (got.double() - want).abs().max() <= 1e-5 * scale, name
-    if AMD_WITH_MKL:  # other kernels sum in another order: the last bits differ, so the kernels did change
+    if AMD_WITH_MKL:
+        assert fast["cpu_type"] > 0 and generic["cpu_type"] == 0, "MKL's dispatcher must see the kernels chosen"
+        # other kernels sum in another order: the last bits differ
         assert not torch.equal(results["mm"], generic_results["mm"]), "the fast path did not change MKL's kernels"
+        # train.matmul=auto: oneDNN's products exactly where MKL stays generic (docs/LOG.md)
+        assert fast["onednn"] is False and generic["onednn"] is True
+
+
+@pytest.mark.skipif(not AMD_WITH_MKL, reason="the fast path applies on Linux x86-64 AMD CPUs with MKL only")
+def test_fast_path_asked_after_a_product_says_no(tmp_path):
+    """MKL keeps the path of its first product: asked later, the fast path must answer False (and the trainer
+    then takes oneDNN's products), not claim a speed MKL does not have."""
+    late, _, _ = products(tmp_path, "late", {"LLMMO_MKL_ON_AMD": "1"}, when="late")
+    assert late == {"fast": False, "cpu_type": 0, "onednn": True}

@@ -6,12 +6,13 @@ MKL's sgemm. MKL chooses its kernels by the CPU's vendor before its instruction 
 that path runs a 2048 x 2048 product at ~215 GFLOP/s, and MKL's own AVX-512 kernels at ~500; attention's forward
 and backward (batch 16, 6 heads, context 256) take 19 instead of 34 ms (docs/LOG.md).
 
-MKL asks one exported function, `mkl_serv_intel_cpu_true`, whether the CPU is Intel's, and keeps the first
-answer. `mkl_fast_path()` rewrites that function in this process, before MKL first asks, to answer yes: the
-runtime form of the well-known LD_PRELOAD work-around, which needs neither a compiler nor a restart. MKL then
-picks its kernels from the CPU's instruction sets (cpuid), as on an Intel CPU of the same sets; results agree
-with the generic path to fp32 rounding (tests/test_cpu.py). It applies only on Linux x86-64 with an AMD CPU and
-MKL inside torch; LLMMO_MKL_ON_AMD=0 in the environment leaves MKL as it is.
+MKL's dispatcher asks an exported function, `mkl_serv_intel_cpu_true`, whether the CPU is Intel's, and keeps
+the kernels it picks at its first product. `mkl_fast_path()` rewrites that function in this process, before MKL
+first asks, to answer yes: the runtime form of the well-known LD_PRELOAD work-around, which needs neither a
+compiler nor a restart. MKL then picks its kernels from the CPU's instruction sets (cpuid), as it does on an Intel
+CPU with the same sets (other parts of MKL with their own vendor test are unchanged); results agree with the
+generic path to fp32 rounding (tests/test_cpu.py). It applies only on Linux x86-64 with an AMD CPU and MKL inside
+torch, before the process's first product; LLMMO_MKL_ON_AMD=0 in the environment leaves MKL as it is.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ import mmap
 import os
 import platform
 import sys
+import threading
+import warnings
 
 import torch
 
 _RETURN_ONE = b"\xb8\x01\x00\x00\x00\xc3"  # x86-64: mov eax, 1; ret
+# how the function starts in the MKL builds it was measured with: mov eax, [rip + cached answer]. Another start
+# means another MKL, whose function may be shorter than the 6 bytes written: then it is left alone.
+_EXPECTED_START = b"\x8b\x05"
 _state: bool | None = None  # mkl_fast_path's answer, once asked
+_lock = threading.Lock()
 
 
 def cpu_vendor() -> str:
@@ -39,12 +46,14 @@ def cpu_vendor() -> str:
 
 def mkl_fast_path() -> bool:
     """Let MKL take the kernels of this CPU's instruction sets on an AMD CPU (see the module's text); returns
-    whether it does. Call it before the process's first product: MKL keeps the vendor it saw first, so a later
-    call changes nothing. Idempotent; never raises (where the work-around cannot apply, MKL stays as it is)."""
+    whether MKL's dispatcher now sees them. Call it before the process's first product: MKL keeps what it picked
+    first, so later it answers False and changes nothing. Idempotent and thread-safe; never raises (where the
+    work-around cannot apply, MKL stays as it is)."""
     global _state
-    if _state is None:
-        _state = _answer_intel()
-    return _state
+    with _lock:
+        if _state is None:
+            _state = _answer_intel()
+        return _state
 
 
 def _answer_intel() -> bool:
@@ -55,19 +64,28 @@ def _answer_intel() -> bool:
     if not torch.backends.mkl.is_available():
         return False
     try:  # the library is loaded already (torch is imported); RTLD_NOLOAD only looks it up
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"),
-                          mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # fmt: skip
+        lib = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        cpu_type, detect = lib.mkl_serv_get_cpu_type, lib.mkl_serv_cpu_detect
         address = ctypes.cast(lib.mkl_serv_intel_cpu_true, ctypes.c_void_p).value
-    except (OSError, AttributeError):  # another torch layout, or an MKL without the symbol
+    except (OSError, AttributeError):  # another torch layout, or an MKL without these functions
+        return False
+    cpu_type.argtypes, cpu_type.restype, detect.restype = (ctypes.c_int,), ctypes.c_int, ctypes.c_int
+    if cpu_type(0) != -1:  # MKL has run already and keeps the path it picked
+        return False
+    if ctypes.string_at(address, len(_EXPECTED_START)) != _EXPECTED_START:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     page = address & ~(mmap.PAGESIZE - 1)
-    size = address + len(_RETURN_ONE) - page
+    size = address + len(_RETURN_ONE) - page  # one page, or two if the bytes cross a page's end
     # the code stays executable throughout (another thread may run code on the same page); a system that
     # refuses writable code (W^X) refuses here, and MKL stays as it is
     if libc.mprotect(page, size, mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC) != 0:
         return False
     ctypes.memmove(address, _RETURN_ONE, len(_RETURN_ONE))
-    libc.mprotect(page, size, mmap.PROT_READ | mmap.PROT_EXEC)
-    return True
+    if libc.mprotect(page, size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        error = os.strerror(ctypes.get_errno())
+        warnings.warn(f"llmmo.cpu: MKL's code page stays writable ({error})", RuntimeWarning, stacklevel=3)
+    # what MKL's dispatcher sees now, through the same symbol lookup as MKL (a copy of the function loaded
+    # earlier by another library would win over the one rewritten here): > 0 is an Intel kernel family
+    return detect() > 0

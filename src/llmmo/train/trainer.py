@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from llmmo.config import Config, config_to_dict, resolve_config, resolve_model
+from llmmo.config import Config, TrainConfig, config_to_dict, resolve_config, resolve_model
 from llmmo.cpu import cpu_vendor, mkl_fast_path
 from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
 from llmmo.distributed import (
@@ -100,6 +100,15 @@ def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def uses_onednn(t: TrainConfig, bf16: bool) -> bool:
+    """Whether linear layers take oneDNN's products (`train.matmul`). auto: where that was measured faster, an
+    AMD CPU whose MKL runs its generic path, in fp32 without compile; with MKL's own kernels (llmmo.cpu) torch's
+    products are the faster (docs/LOG.md)."""
+    if t.matmul != "auto":
+        return t.matmul == "onednn"
+    return cpu_vendor() == "AuthenticAMD" and not mkl_fast_path() and not bf16 and not t.compile
+
+
 def _optimizer_state(
     model: torch.nn.Module, opt: torch.optim.Optimizer, world: World
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -168,10 +177,7 @@ class Trainer:
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
         bf16 = uses_bf16(self.device, t.dtype)
-        # a CPU fp32 model only (elsewhere it stays as it is); auto: where it was measured faster: on an AMD CPU
-        # with MKL's generic path (with MKL's AVX-512 kernels torch's products are the faster; docs/LOG.md)
-        slow_mkl = cpu_vendor() == "AuthenticAMD" and not mkl_fast_path()
-        if t.matmul == "onednn" or (t.matmul == "auto" and slow_mkl and not bf16 and not t.compile):
+        if uses_onednn(t, bf16):  # it changes a CPU fp32 model only; others stay as they are
             onednn_linears(self.model)
         self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
         self.forward = torch.compile(self.forward) if t.compile else self.forward
