@@ -2,9 +2,12 @@
 
 Prompt 16 tokens, 200 new tokens, top-k 50 sampling, batch 1 and 8; both models randomly initialised (speed does
 not depend on the weights). Context 256 for both shapes, so that 216 positions fit without a sliding window.
-llmmo runs three ways: eager; with the decoding step compiled (`generate.compile_decoder`; its compile time is
-reported apart, not counted in tokens/s); and eager with its linear layers' weights packed by oneDNN
-(`packed.pack_linears`; it packs for `batch` rows). transformers runs its default `generate()`.
+llmmo runs three ways in fp32: eager; with the decoding step compiled (`generate.compile_decoder` for `batch`
+rows; its compile time is reported apart, not counted in tokens/s); and eager with its linear layers' weights
+packed by oneDNN (`onednn.pack_linears`, for `batch` rows). transformers runs its default `generate()`. On a
+CPU with bf16 instructions (llmmo.cpu.fast_bf16) both also run with bf16 weights: llmmo compiled
+(`generate.decoding_dtype`), transformers with the model cast to bf16. Two ratios: fp32 against fp32 (llmmo's
+best way over transformers), and the best of either toolkit over all its ways, bf16 included.
 
 python -m benchmarks.generate_speed --shape 0.8M --family gpt2
 """
@@ -22,7 +25,8 @@ import torch
 
 from benchmarks.shapes import SHAPES
 from llmmo.config import ModelConfig, resolve_model
-from llmmo.generate import GenerationConfig, compile_decoder, generate_ids
+from llmmo.cpu import fast_bf16
+from llmmo.generate import GenerationConfig, compile_decoder, decoding_dtype, generate_ids
 from llmmo.model import Transformer
 from llmmo.onednn import pack_linears
 
@@ -111,41 +115,39 @@ def measure(shape: str, family: str, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     ours = llmmo_model(shape, family)
     theirs = hf_model(ours)
+    bf16 = fast_bf16()
+    if bf16:
+        ours_bf16 = decoding_dtype(copy.deepcopy(ours), "bf16")
+        theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
     gen = GenerationConfig(max_new_tokens=NEW, temperature=1.0, top_k=TOP_K, seed=0)
     rows = []
     for batch in (1, 8):
         prompts = torch.randint(0, VOCAB, (batch, PROMPT))
-        compiled = compile_decoder(ours)
+        compiled = compile_decoder(ours, rows=batch)
         start = time.perf_counter()
         run_llmmo(compiled, prompts, gen)  # compiles the prompt's and the decoding step's graphs
         compile_s = time.perf_counter() - start
-        packed = pack_linears(copy.deepcopy(ours), rows=batch)
-        t = time_interleaved(
-            {
-                "eager": functools.partial(run_llmmo, ours, prompts, gen),
-                "compiled": functools.partial(run_llmmo, compiled, prompts, gen),
-                "packed": functools.partial(run_llmmo, packed, prompts, gen),
-                "hf": functools.partial(run_hf, theirs, prompts),
-            },
-            repeats,
-        )
+        cases = {
+            "llmmo": functools.partial(run_llmmo, ours, prompts, gen),
+            "llmmo_compiled": functools.partial(run_llmmo, compiled, prompts, gen),
+            "llmmo_packed": functools.partial(run_llmmo, pack_linears(copy.deepcopy(ours), rows=batch), prompts, gen),
+            "hf": functools.partial(run_hf, theirs, prompts),
+        }
+        if bf16:
+            cases["llmmo_compiled_bf16"] = functools.partial(
+                run_llmmo, compile_decoder(ours_bf16, rows=batch), prompts, gen
+            )
+            cases["hf_bf16"] = functools.partial(run_hf, theirs_bf16, prompts)
+        seconds = time_interleaved(cases, repeats)
         torch._dynamo.reset()  # the next batch size compiles afresh (static shapes), as a new process would
-        t_eager, t_compiled, t_packed, t_hf = t["eager"], t["compiled"], t["packed"], t["hf"]
-        rows.append(
-            {
-                "shape": shape,
-                "family": family,
-                "batch": batch,
-                "llmmo_tok_s": batch * NEW / t_eager,
-                "llmmo_compiled_tok_s": batch * NEW / t_compiled,
-                "hf_tok_s": batch * NEW / t_hf,
-                "speedup_eager": t_hf / t_eager,
-                "speedup_compiled": t_hf / t_compiled,
-                "llmmo_packed_tok_s": batch * NEW / t_packed,
-                "speedup_packed": t_hf / t_packed,
-                "compile_s": compile_s,
-            }
+        row = {"shape": shape, "family": family, "batch": batch, "compile_s": compile_s}
+        row |= {f"{name}_tok_s": batch * NEW / t for name, t in seconds.items()}
+        fp32 = [row["llmmo_tok_s"], row["llmmo_compiled_tok_s"], row["llmmo_packed_tok_s"]]
+        row["speedup_fp32"] = max(fp32) / row["hf_tok_s"]
+        row["speedup_best"] = max(fp32 + [row.get("llmmo_compiled_bf16_tok_s", 0.0)]) / max(
+            row["hf_tok_s"], row.get("hf_bf16_tok_s", 0.0)
         )
+        rows.append(row)
     return rows
 
 

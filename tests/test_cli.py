@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmmo.config import all_keys
+from llmmo.cpu import fast_bf16
 
 LLMMO = [sys.executable, "-m", "llmmo"]
 TINY = [
@@ -73,6 +74,11 @@ def test_train_eval_generate_info(checkpoint: Path, tmp_path: Path) -> None:
         "generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0", "--pack"
     )
     assert packed.stdout == greedy.stdout  # oneDNN's products: the same greedy text
+    if fast_bf16():  # bf16 weights: other roundings, a text of its own from the same prompt
+        half = run("generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--dtype", "bf16")
+        assert half.stdout.startswith("ROMEO:") and len(half.stdout) > len("ROMEO:\n")
+    refused = run("generate", str(checkpoint), "--pack", "--dtype", "bf16", check=False)
+    assert refused.returncode == 2 and "with --dtype bf16 use --compile" in refused.stderr
     batch = run(
         "generate",
         str(checkpoint),

@@ -13,12 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmmo.config import ModelConfig, resolve_model
+from llmmo.cpu import fast_bf16
 from llmmo.errors import ConfigError, DataError
 from llmmo.generate import (
     GenerationConfig,
     RowText,
     apply_repetition_penalty,
     compile_decoder,
+    decoding_dtype,
     generate,
     generate_ids,
     process_logits,
@@ -153,7 +155,36 @@ def test_compiled_decoder_computes_the_eager_logits_and_tokens(family, n_kv_head
         assert caches[0].pos == caches[1].pos == 9
     prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
     gen = greedy(max_new_tokens=12)
-    assert collect(generate_ids(compiled, prompts, gen)) == collect(generate_ids(model, prompts, gen))
+    want = collect(generate_ids(model, prompts, gen))
+    assert collect(generate_ids(compiled, prompts, gen)) == want
+    # compiled for two rows: weights frozen into the graph and packed for the CPU's library
+    assert collect(generate_ids(compile_decoder(model, rows=2), prompts, gen)) == want
+
+
+@pytest.mark.skipif(not fast_bf16(), reason="this CPU has no bf16 instructions (AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("family, n_kv_head", FAMILIES)
+def test_bf16_decoding_follows_fp32(family, n_kv_head):
+    model = train(tiny(family, n_kv_head), CHAR.encode(TEXT * 10), steps=60).eval()
+    half = decoding_dtype(copy.deepcopy(model), "bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, CHAR.vocab_size, (3, 20))
+    with torch.inference_mode():
+        want, got = model(ids)[0], half(ids)[0].float()
+    # bf16 keeps 8 bits of mantissa (0.4% per rounding); a few roundings deep, logits stay within 3% of their scale
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+    prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
+    rows = collect(generate_ids(half, prompts, greedy(max_new_tokens=12)))
+    assert [len(r) for r in rows] == [12, 12] and all(0 <= t < CHAR.vocab_size for r in rows for t in r)
+
+
+def test_bf16_decoding_is_refused_without_bf16_instructions(monkeypatch):
+    model = tiny()
+    with pytest.raises(ConfigError, match="dtype 'fp16' is not one of fp32, bf16"):
+        decoding_dtype(model, "fp16")
+    monkeypatch.setattr("llmmo.generate.fast_bf16", lambda: False)  # the CPU's answer, as on an AVX2-only CPU
+    with pytest.raises(ConfigError, match="no bf16 instructions"):
+        decoding_dtype(model, "bf16")
+    assert next(model.parameters()).dtype == torch.float32  # refused before converting anything
 
 
 @pytest.mark.skipif(not available(), reason="oneDNN is used on x86-64 CPUs with oneDNN only")

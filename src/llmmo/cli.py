@@ -289,7 +289,7 @@ def unescape(text: str) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
-    from llmmo.generate import compile_decoder, generate, stream
+    from llmmo.generate import compile_decoder, decoding_dtype, generate, stream
     from llmmo.train import pick_device
 
     prompts = [unescape(p) for p in args.prompt or [""]]
@@ -298,13 +298,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
     gen = sampling_from_args(args, stop=tuple(unescape(s) for s in args.stop), use_cache=not args.no_cache)
     if args.compile and args.pack:
-        raise ConfigError("--pack's oneDNN layers cannot be compiled; choose --compile (one prompt) or --pack")
-    model = ckpt.model
+        raise ConfigError("--pack's oneDNN layers cannot be compiled; choose --compile or --pack")
+    if args.pack and args.dtype != "fp32":
+        raise ConfigError("--pack packs fp32 weights; with --dtype bf16 use --compile")
+    model = decoding_dtype(ckpt.model, args.dtype)
     if args.pack:
         from llmmo.onednn import pack_linears
 
         model = pack_linears(model, rows=len(prompts))
-    model = compile_decoder(model) if args.compile else model
+    model = compile_decoder(model, rows=len(prompts)) if args.compile else model
     if args.stream:
         sys.stdout.write(prompts[0])
         for pieces in stream(model, ckpt.tokenizer, prompts, gen):
@@ -637,6 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack",
         action="store_true",
         help="pack the weights for oneDNN first (CPU, fp32; ~1.4x faster per token with 8 prompts at 10.7M)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the weights' type while decoding: bf16 reads half the bytes (CPUs with AVX512-BF16/AMX, GPUs) "
+        "(default: fp32)",
     )
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_generate)

@@ -35,13 +35,24 @@ _state: bool | None = None  # mkl_fast_path's answer, once asked
 _lock = threading.Lock()
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel"); "" where /proc/cpuinfo does not say."""
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo (Linux), its value; "" where the file does not say."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
         return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel"); "" where /proc/cpuinfo does not say."""
+    return _cpuinfo("vendor_id")
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU computes bf16 products in hardware (AVX512-BF16 or AMX-BF16), so that bf16 weights halve
+    the bytes a decoding step reads at no loss of speed. Without them bf16 runs ~100x slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpuinfo("flags").split()))
 
 
 def mkl_fast_path() -> bool:
