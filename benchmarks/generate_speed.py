@@ -7,7 +7,8 @@ rows; its compile time is reported apart, not counted in tokens/s); and eager wi
 packed by oneDNN (`onednn.pack_linears`, for `batch` rows). transformers runs its default `generate()`. On a
 CPU with bf16 instructions (llmmo.cpu.fast_bf16) both also run with bf16 weights: llmmo compiled
 (`generate.decoding_dtype`), transformers with the model cast to bf16. Two ratios: fp32 against fp32 (llmmo's
-best way over transformers), and the best of either toolkit over all its ways, bf16 included.
+best way over transformers), and the best of either toolkit over the ways measured here, bf16 included
+(transformers is not compiled).
 
 python -m benchmarks.generate_speed --shape 0.8M --family gpt2
 """
@@ -133,14 +134,16 @@ def measure(shape: str, family: str, repeats: int) -> list[dict]:
             "llmmo_packed": functools.partial(run_llmmo, pack_linears(copy.deepcopy(ours), rows=batch), prompts, gen),
             "hf": functools.partial(run_hf, theirs, prompts),
         }
+        row = {"shape": shape, "family": family, "batch": batch, "compile_s": compile_s}
         if bf16:
-            cases["llmmo_compiled_bf16"] = functools.partial(
-                run_llmmo, compile_decoder(ours_bf16, rows=batch), prompts, gen
-            )
+            compiled_bf16 = compile_decoder(ours_bf16, rows=batch)
+            start = time.perf_counter()
+            run_llmmo(compiled_bf16, prompts, gen)
+            row["compile_bf16_s"] = time.perf_counter() - start
+            cases["llmmo_compiled_bf16"] = functools.partial(run_llmmo, compiled_bf16, prompts, gen)
             cases["hf_bf16"] = functools.partial(run_hf, theirs_bf16, prompts)
         seconds = time_interleaved(cases, repeats)
-        torch._dynamo.reset()  # the next batch size compiles afresh (static shapes), as a new process would
-        row = {"shape": shape, "family": family, "batch": batch, "compile_s": compile_s}
+        torch._dynamo.reset()  # the next batch size compiles afresh, as a new process would
         row |= {f"{name}_tok_s": batch * NEW / t for name, t in seconds.items()}
         fp32 = [row["llmmo_tok_s"], row["llmmo_compiled_tok_s"], row["llmmo_packed_tok_s"]]
         row["speedup_fp32"] = max(fp32) / row["hf_tok_s"]

@@ -70,8 +70,8 @@ def main() -> None:
         results["generate"] = rows
         report.append(
             "### Generation (prompt 16, 200 new tokens, top-k 50), against transformers\n"
-            "speedup_fp32: llmmo's best fp32 way over transformers in fp32; speedup_best: the best way of each, bf16 "
-            "weights included\n\n"
+            "speedup_fp32: llmmo's best fp32 way over transformers in fp32; speedup_best: the best of the ways "
+            "measured for each, bf16 weights included\n\n"
             + table(
                 rows,
                 [
@@ -87,6 +87,7 @@ def main() -> None:
                     ("speedup_fp32", ".2f"),
                     ("speedup_best", ".2f"),
                     ("compile_s", ".0f"),
+                    ("compile_bf16_s", ".0f"),
                 ],
             )
         )

@@ -3,12 +3,15 @@ sampling is seeded, the logits filters do what they say, and streaming gives bac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import unittest.mock
 from collections.abc import Iterable
 
 import pytest
 import torch
+import torch._inductor.freezing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -156,9 +159,28 @@ def test_compiled_decoder_computes_the_eager_logits_and_tokens(family, n_kv_head
     prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
     gen = greedy(max_new_tokens=12)
     want = collect(generate_ids(model, prompts, gen))
-    assert collect(generate_ids(compiled, prompts, gen)) == want
-    # compiled for two rows: weights frozen into the graph and packed for the CPU's library
-    assert collect(generate_ids(compile_decoder(model, rows=2), prompts, gen)) == want
+    with frozen_graphs() as frozen:
+        assert collect(generate_ids(compiled, prompts, gen)) == want
+    assert frozen == []  # one row: products decomposed, nothing frozen
+    # compiled for two rows: weights frozen into the graph (constants, not inputs) and packed for the CPU's library
+    with frozen_graphs() as frozen:
+        assert collect(generate_ids(compile_decoder(model, rows=2), prompts, gen)) == want
+    assert len(frozen) >= 2 and all(constants > 0 for constants in frozen)  # the prompt's graph, the step's
+
+
+@contextlib.contextmanager
+def frozen_graphs():
+    """The graphs Inductor freezes meanwhile, each as its count of weights read as constants (get_attr nodes):
+    0 would mean the weights were still the graph's inputs, i.e. freezing did not apply."""
+    freeze, counts = torch._inductor.freezing.freeze, []  # imported by Inductor when it freezes a graph
+
+    def spy(dynamo_gm, aot_gm, example_inputs):
+        counts.append(sum(node.op == "get_attr" for node in dynamo_gm.graph.nodes))
+        return freeze(dynamo_gm, aot_gm, example_inputs)
+
+    torch._dynamo.reset()  # compile afresh: earlier tests' graphs are not this test's
+    with unittest.mock.patch("torch._inductor.freezing.freeze", spy):
+        yield counts
 
 
 @pytest.mark.skipif(not fast_bf16(), reason="this CPU has no bf16 instructions (AVX512-BF16 or AMX)")
@@ -175,6 +197,11 @@ def test_bf16_decoding_follows_fp32(family, n_kv_head):
     prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
     rows = collect(generate_ids(half, prompts, greedy(max_new_tokens=12)))
     assert [len(r) for r in rows] == [12, 12] and all(0 <= t < CHAR.vocab_size for r in rows for t in r)
+    # compiled for two rows (frozen: oneDNN's bf16 products with packed weights), the same bound
+    compiled, cache = compile_decoder(half, rows=2), KVCache(half.cfg, 3, 20, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fast = compiled(ids, kv_cache=cache)[0].float()
+    assert (fast - want).abs().max() <= 0.03 * want.abs().max()
 
 
 def test_bf16_decoding_is_refused_without_bf16_instructions(monkeypatch):

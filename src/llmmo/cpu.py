@@ -1,4 +1,4 @@
-"""The CPU under PyTorch: its vendor, and MKL's fast kernels on AMD CPUs.
+"""The CPU under PyTorch: its vendor, whether it computes bf16, and MKL's fast kernels on AMD CPUs.
 
 PyTorch's fp32 products on an x86-64 CPU (`a @ b`, `F.linear`, the blocks of SDPA's CPU flash attention) are
 MKL's sgemm. MKL chooses its kernels by the CPU's vendor before its instruction sets: on a CPU that is not
@@ -35,24 +35,20 @@ _state: bool | None = None  # mkl_fast_path's answer, once asked
 _lock = threading.Lock()
 
 
-def _cpuinfo(field: str) -> str:
-    """The first `field` line of /proc/cpuinfo (Linux), its value; "" where the file does not say."""
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel"); "" where /proc/cpuinfo does not say."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
     except OSError:
         return ""
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel"); "" where /proc/cpuinfo does not say."""
-    return _cpuinfo("vendor_id")
-
-
 def fast_bf16() -> bool:
-    """Whether this CPU computes bf16 products in hardware (AVX512-BF16 or AMX-BF16), so that bf16 weights halve
-    the bytes a decoding step reads at no loss of speed. Without them bf16 runs ~100x slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(_cpuinfo("flags").split()))
+    """Whether this CPU computes bf16 products in hardware (AVX512-BF16 or AMX), so that bf16 weights halve the
+    bytes a decoding step reads at no loss of speed; without them bf16 runs ~100x slower than fp32. Asked of
+    torch's own CPU probe (any OS)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def mkl_fast_path() -> bool:

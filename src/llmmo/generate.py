@@ -191,15 +191,19 @@ def compile_decoder(model: nn.Module, rows: int = 1) -> nn.Module:
     a few microseconds of dispatch for each, which is most of the step for small models; and its matrix-vector
     products read the weights with one thread. Inductor fuses the step into a few kernels, and its
     `decompose_mm_pass` turns single-row products into multiply-and-sum reductions that it parallelises over the
-    output rows, which reads the weights at about twice the bandwidth (docs/LOG.md). The KV cache has the same
-    shapes at every step, so the prompt and the decoding step are compiled once each; compiling takes 10-60 s
-    on a CPU, so it pays for long generations and for servers. The module is unchanged (same parameters).
+    output rows, which reads the weights at about twice the bandwidth (docs/LOG.md). The prompt and the
+    decoding step are compiled once each (the position becomes a symbolic size at the second step, see
+    `KVCache`); compiling takes 10-60 s on a CPU, so it pays for long generations and for servers. The module
+    is unchanged (same parameters).
 
-    `rows` is the batch it will decode (the number of prompts). From two rows up on a CPU, the weights are
-    frozen: Inductor treats them as constants and packs them once for the CPU's library (MKL's packed sgemm in
-    fp32, oneDNN in bf16), where a plain product re-packs them at every call (10.7M at batch 8: +25-35% tokens/s in
-    fp32 and in bf16; docs/LOG.md). A frozen decoder does not see later changes to the model's weights:
-    compile again after training them. At one row freezing would bypass the decomposition (2x slower).
+    `rows` is the batch it will decode (the number of prompts). From two rows up on a CPU, and when every weight
+    is a plain floating-point tensor, the weights are frozen: Inductor treats them as constants and packs them
+    once for the CPU's library (MKL's packed sgemm in fp32, oneDNN in bf16), where a plain product re-packs them
+    at every call (10.7M at batch 8: +25-35% tokens/s in fp32 and in bf16; docs/LOG.md). A frozen decoder does
+    not see later changes to the model's weights (compile again after training them), each compiled graph
+    (prompt, step) holds its own packed copy of the weights, and a copy or pickle of the compiled module is not
+    frozen. At one row freezing would bypass the decomposition (2x slower). Quantized layers are not frozen:
+    constant folding would store their weights dequantized.
     """
     # single-row products only: from two rows up the library's matrix product reads each weight once for all
     options = {
@@ -212,33 +216,50 @@ def compile_decoder(model: nn.Module, rows: int = 1) -> nn.Module:
         },
     }
     compiled = torch.compile(model, options=options)
-    if rows > 1 and next(model.parameters()).device.type == "cpu":
+    if rows > 1 and next(model.parameters()).device.type == "cpu" and _plain_weights(model):
         trace = compiled.forward
 
         def frozen(*args, **kwargs):
             # Dynamo reads the switch while it traces (to keep parameters out of the graph's inputs), so it is
-            # set around each call, not only among Inductor's options; it applies without gradients only
-            with torch._inductor.config.patch(freezing=True):
+            # set around each call, not only among Inductor's options (which did nothing); it applies without
+            # gradients only. Set directly: config.patch costs 12 us a call. Process-wide while the call runs.
+            config = torch._inductor.config
+            before, config.freezing = config.freezing, True
+            try:
                 return trace(*args, **kwargs)
+            finally:
+                config.freezing = before
 
         compiled.forward = frozen
     return compiled
 
 
+def _plain_weights(model: nn.Module) -> bool:
+    """Every parameter and buffer a plain floating-point tensor: no quantized layer (int8 / int4 storage or a
+    tensor subclass)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() for t in tensors)
+
+
 def decoding_dtype(model: nn.Module, dtype: str) -> nn.Module:
-    """The model with its weights in `dtype` ("fp32" or "bf16") for decoding, converted in place. bf16 halves
-    the bytes a decoding step reads, which bounds it at 10.7M parameters: compiled, 1.7-2x the tokens/s of fp32
-    (docs/LOG.md); logits move by ~1% of their scale. Refused where bf16 is not computed in hardware."""
+    """The model with its weights in `dtype` for decoding: "fp32" leaves it as it is (checkpoints are fp32),
+    "bf16" converts it in place. bf16 halves the bytes a decoding step reads, which bounds the step at 10.7M
+    parameters: compiled, ~1.9x the tokens/s of fp32 at batch 1 and 1.4-1.6x at batch 8; at 0.8M, where the step
+    is bound by its operations rather than bytes, it is no faster or slower (docs/LOG.md). Logits move by ~1% of
+    their scale. Refused where bf16 is not computed in hardware, and for quantized checkpoints."""
     if dtype == "fp32":
-        return model.float()
+        return model
     if dtype != "bf16":
         raise ConfigError(f"dtype '{dtype}' is not one of fp32, bf16")
+    if not _plain_weights(model):
+        raise ConfigError("this checkpoint has quantized layers, which keep their own format; decode it without "
+                          "--dtype bf16 (fp32, the default)")  # fmt: skip
     device = next(model.parameters()).device
     if device.type == "cpu" and not fast_bf16():
         raise ConfigError("this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 would decode ~100x slower "
-                          "than fp32 here; use fp32")  # fmt: skip
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not compute in bf16; use fp32")
+                          "than fp32 here; use --dtype fp32 (the default)")  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError("this GPU computes bf16 only by emulation (slow); use --dtype fp32 (the default)")
     return model.to(torch.bfloat16)
 
 

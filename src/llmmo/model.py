@@ -33,11 +33,11 @@ class KVCache:
     Rows of a batch may hold prompts of different lengths: they are left-padded, and `pad[b]` counts the
     padding of row b, which is masked out of attention and not counted in positions.
 
-    New keys are written with a tensor of slot indices. Compiled, attention reads all `max_len` slots, the
-    ones not written yet masked out, so every decoding step has the same shapes and the same operations
-    whatever the position: a compiled step (`generate.compile_decoder`) is traced once and updates the cache
-    in place. Eager, it reads only the slots written so far. (A server's running batch attends through
-    `view`s, whose shapes change from step to step: it runs eager.)
+    New keys are written with a tensor of slot indices, and attention reads only the slots written so far
+    (it reads them from memory: unwritten slots would cost time). Compiled (`generate.compile_decoder`), the
+    position is a symbolic size after the second step (Dynamo's automatic dynamic shapes), so one decoding
+    graph serves every position; reading all `max_len` slots instead, for static shapes, was 5-12% slower at
+    batch 8 and no faster at batch 1 (docs/LOG.md). A server's running batch attends through `view`s.
     """
 
     def __init__(
@@ -70,9 +70,8 @@ class KVCache:
         return (pos[None, :] - self.pad[:, None]).clamp(min=0)
 
     def visible(self, T: int) -> int:
-        """How many slots the next T queries attend over: the written ones in eager mode (attention reads the
-        cache from memory, so unwritten slots cost time); all max_len when compiled (static shapes)."""
-        return self.max_len if torch.compiler.is_compiling() else self.pos + T
+        """How many slots the next T queries attend over: the ones written, theirs included."""
+        return self.pos + T
 
     def attn_mask(self, T: int) -> torch.Tensor:
         """Boolean (B or 1, 1, T, S) mask of the slots each of the next T queries may see (S = `visible`)."""
