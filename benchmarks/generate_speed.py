@@ -113,6 +113,9 @@ def run_hf(model: torch.nn.Module, prompts: torch.Tensor) -> None:
 
 
 def measure(shape: str, family: str, repeats: int) -> list[dict]:
+    # four compiled models share Transformer.forward's code object: past Dynamo's limit of graphs per code
+    # object it would silently run eager and skew the figures; fail instead
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     torch.manual_seed(0)
     ours = llmmo_model(shape, family)
     theirs = hf_model(ours)

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,11 +49,12 @@ save_file({"mm": a64 @ b64, "linear": F.linear(x64, w64, bias.double()),
 cpu_type = -1  # MKL's kernel family as its dispatcher sees it: 0 generic, > 0 Intel's (-1: no MKL here)
 if torch.backends.mkl.is_available():
     cpu_type = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).mkl_serv_get_cpu_type(0)
-print(mkl_fast_path(), mkl_fast_path(), cpu_type, uses_onednn(TrainConfig(matmul="auto"), bf16=False))
+onednn = uses_onednn(TrainConfig(matmul="auto"), torch.device("cpu"), bf16=False)
+print(mkl_fast_path(), mkl_fast_path(), cpu_type, onednn)
 """
 
 
-def products(tmp_path, name: str, env: dict[str, str], when: str = "first") -> tuple[dict, dict, dict]:
+def products(tmp_path: Path, name: str, env: dict[str, str], when: str = "first") -> tuple[dict, dict, dict]:
     """Run PRODUCTS in a fresh process (the fast path asked for `first`, or `late`: after a product): what it
     reported, its fp32 results, the float64 ones."""
     out, ref = tmp_path / f"{name}.safetensors", tmp_path / f"{name}-64.safetensors"

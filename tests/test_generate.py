@@ -7,7 +7,7 @@ import contextlib
 import copy
 import math
 import unittest.mock
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pytest
 import torch
@@ -169,7 +169,7 @@ def test_compiled_decoder_computes_the_eager_logits_and_tokens(family, n_kv_head
 
 
 @contextlib.contextmanager
-def frozen_graphs():
+def frozen_graphs() -> Iterator[list[int]]:
     """The graphs Inductor freezes meanwhile, each as its count of weights read as constants (get_attr nodes):
     0 would mean the weights were still the graph's inputs, i.e. freezing did not apply."""
     freeze, counts = torch._inductor.freezing.freeze, []  # imported by Inductor when it freezes a graph
@@ -197,7 +197,7 @@ def test_bf16_decoding_follows_fp32(family, n_kv_head):
     prompts = [CHAR.encode(p) for p in ("the quick", "lazy")]
     rows = collect(generate_ids(half, prompts, greedy(max_new_tokens=12)))
     assert [len(r) for r in rows] == [12, 12] and all(0 <= t < CHAR.vocab_size for r in rows for t in r)
-    # compiled for two rows (frozen: oneDNN's bf16 products with packed weights), the same bound
+    # compiled for several rows (frozen: oneDNN's bf16 products with packed weights), the same bound
     compiled, cache = compile_decoder(half, rows=2), KVCache(half.cfg, 3, 20, dtype=torch.bfloat16)
     with torch.inference_mode():
         fast = compiled(ids, kv_cache=cache)[0].float()
@@ -242,6 +242,10 @@ def test_past_block_size_no_cache_crops_and_cache_refills_from_half_a_block(fami
     assert with_cache == reference_greedy(model, prompt, n, refill=block // 2)
     fits = block - len(prompt)
     assert with_cache[:fits] == without[:fits]  # the same context while it fits
+    if family == "gpt2":  # a frozen compiled decoder refills too (new graphs for the refill's prefill)
+        prompts, gen = [prompt, CHAR.encode("the")], greedy(max_new_tokens=n)
+        frozen = compile_decoder(model, rows=2)
+        assert collect(generate_ids(frozen, prompts, gen)) == collect(generate_ids(model, prompts, gen))
 
 
 def test_rope_prompt_longer_than_block_size_is_cropped_to_its_last_block():

@@ -141,8 +141,9 @@ def test_golden_curve(data_dir: Path, tmp_path: Path) -> None:
     (regenerate with LLMMO_UPDATE_GOLDEN=1). One thread, fp32 on the CPU: matmul results then do not depend on
     how many cores the machine has."""
     if cpu_vendor() == "AuthenticAMD" and not mkl_fast_path():
-        pytest.skip("recorded with MKL's own kernels on this AMD CPU (llmmo.cpu); this process runs MKL's generic "
-                    "path (LLMMO_MKL_ON_AMD=0), whose sums round differently: 2e-4 apart by step 50")  # fmt: skip
+        pytest.skip("recorded with MKL's own kernels on this AMD CPU (llmmo.cpu); MKL's fast path is off in this "
+                    "process (LLMMO_MKL_ON_AMD=0, a product before llmmo was imported, or not available), and "
+                    "training takes other products then, which round differently: 2e-4 apart by step 50")  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

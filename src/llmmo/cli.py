@@ -639,14 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack",
         action="store_true",
         help="pack the weights for oneDNN first (CPU, fp32; 1.2-1.4x faster per token with 8 prompts at 10.7M, "
-        "as fast as --compile there, without compiling)",
+        "~80%% of --compile there, without compiling)",
     )
     p.add_argument(
         "--dtype",
         choices=("fp32", "bf16"),
         default="fp32",
         help="the weights' type while decoding: bf16 reads half the bytes (CPUs with AVX512-BF16/AMX, GPUs): "
-        "with --compile ~1.9x fp32's tokens/s at 10.7M parameters, none for small models (default: fp32)",
+        "with --compile ~1.8x fp32's tokens/s at 10.7M parameters, slower for small models (default: fp32)",
     )
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_generate)

@@ -196,14 +196,14 @@ def compile_decoder(model: nn.Module, rows: int = 1) -> nn.Module:
     `KVCache`); compiling takes 10-60 s on a CPU, so it pays for long generations and for servers. The module
     is unchanged (same parameters).
 
-    `rows` is the batch it will decode (the number of prompts). From two rows up on a CPU, and when every weight
-    is a plain floating-point tensor, the weights are frozen: Inductor treats them as constants and packs them
-    once for the CPU's library (MKL's packed sgemm in fp32, oneDNN in bf16), where a plain product re-packs them
-    at every call (10.7M at batch 8: +25-35% tokens/s in fp32 and in bf16; docs/LOG.md). A frozen decoder does
-    not see later changes to the model's weights (compile again after training them), each compiled graph
-    (prompt, step) holds its own packed copy of the weights, and a copy or pickle of the compiled module is not
-    frozen. At one row freezing would bypass the decomposition (2x slower). Quantized layers are not frozen:
-    constant folding would store their weights dequantized.
+    `rows` is the batch it will decode (the number of prompts). From two rows up on a CPU, and when every weight is a
+    plain floating-point tensor, the weights are frozen: Inductor treats them as constants and packs them once for
+    the CPU's library (MKL's packed sgemm in fp32, oneDNN in bf16), where a plain product re-packs them at every
+    call (10.7M at batch 8: +25-35% tokens/s in fp32 and in bf16; docs/LOG.md). A frozen decoder does not see later
+    changes to the model's weights (compile again after training them), each compiled graph (prompt, step, and the
+    prefill of a cache refilled past block_size) holds its own packed copy of the weights, and a copy or pickle of
+    the compiled module is not frozen. At one row freezing would bypass the decomposition (2x slower). Quantized
+    layers are not frozen: constant folding would store their weights dequantized.
     """
     # single-row products only: from two rows up the library's matrix product reads each weight once for all
     options = {
@@ -242,11 +242,11 @@ def _plain_weights(model: nn.Module) -> bool:
 
 
 def decoding_dtype(model: nn.Module, dtype: str) -> nn.Module:
-    """The model with its weights in `dtype` for decoding: "fp32" leaves it as it is (checkpoints are fp32),
-    "bf16" converts it in place. bf16 halves the bytes a decoding step reads, which bounds the step at 10.7M
-    parameters: compiled, ~1.9x the tokens/s of fp32 at batch 1 and 1.4-1.6x at batch 8; at 0.8M, where the step
-    is bound by its operations rather than bytes, it is no faster or slower (docs/LOG.md). Logits move by ~1% of
-    their scale. Refused where bf16 is not computed in hardware, and for quantized checkpoints."""
+    """The model with its weights in `dtype` for decoding: "fp32" leaves it as it is (checkpoints are fp32), "bf16"
+    converts it in place. bf16 halves the bytes a decoding step reads, which bounds the step at 10.7M parameters:
+    compiled, 1.7-1.9x the tokens/s of fp32 at batch 1 and ~1.4x at batch 8; at 0.8M, where the step is bound by its
+    operations rather than bytes, no faster at batch 1 and 30-40% slower at batch 8 (docs/LOG.md). Logits move by
+    ~1% of their scale. Refused where bf16 is not computed in hardware, and for quantized checkpoints."""
     if dtype == "fp32":
         return model
     if dtype != "bf16":
@@ -260,6 +260,8 @@ def decoding_dtype(model: nn.Module, dtype: str) -> nn.Module:
                           "than fp32 here; use --dtype fp32 (the default)")  # fmt: skip
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ConfigError("this GPU computes bf16 only by emulation (slow); use --dtype fp32 (the default)")
+    if device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise ConfigError("bf16 on MPS needs macOS 14 or newer; use --dtype fp32 (the default)")
     return model.to(torch.bfloat16)
 
 

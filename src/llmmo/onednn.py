@@ -2,7 +2,7 @@
 
 PyTorch's fp32 `F.linear` on a CPU calls MKL's sgemm. On an AMD CPU MKL takes a generic path unless
 `llmmo.cpu.mkl_fast_path` applies: on this project's machines (2-core AMD EPYC with AVX-512) that path reaches
-~210 GFLOP/s on large products where oneDNN (the library behind Intel's IPEX and Inductor's CPU freezing)
+~210 GFLOP/s on large products where oneDNN (the library behind Intel's IPEX, and Inductor's CPU freezing in bf16)
 reaches ~500. With few rows (decoding: one token per sequence) MKL re-packs the weight into its kernel's layout
 at every call, which costs as much as the product (docs/LOG.md). Two transforms:
 

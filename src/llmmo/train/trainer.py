@@ -100,10 +100,12 @@ def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def uses_onednn(t: TrainConfig, bf16: bool) -> bool:
-    """Whether linear layers take oneDNN's products (`train.matmul`). auto: where that was measured faster, an
-    AMD CPU whose MKL runs its generic path, in fp32 without compile; with MKL's own kernels (llmmo.cpu) torch's
-    products are the faster (docs/LOG.md)."""
+def uses_onednn(t: TrainConfig, device: torch.device, bf16: bool) -> bool:
+    """Whether linear layers take oneDNN's products (`train.matmul`; CPU only). auto: where that was measured
+    faster, an AMD CPU whose MKL runs its generic path, in fp32 without compile; with MKL's own kernels
+    (llmmo.cpu) torch's products are the faster (docs/LOG.md)."""
+    if device.type != "cpu":
+        return False
     if t.matmul != "auto":
         return t.matmul == "onednn"
     return cpu_vendor() == "AuthenticAMD" and not mkl_fast_path() and not bf16 and not t.compile
@@ -177,7 +179,7 @@ class Trainer:
         if self.world.rank > 0:  # dropout draws its own masks on each rank; rank 0 keeps the one-process stream
             torch.manual_seed(t.seed + 1_000_003 * self.world.rank)
         bf16 = uses_bf16(self.device, t.dtype)
-        if uses_onednn(t, bf16):  # it changes a CPU fp32 model only; others stay as they are
+        if uses_onednn(t, self.device, bf16):  # a CPU fp32 model only (onednn_linears leaves others as they are)
             onednn_linears(self.model)
         self.forward = parallelize(self.model, t.parallel, self.world, self.device, bf16)
         self.forward = torch.compile(self.forward) if t.compile else self.forward
