@@ -215,8 +215,11 @@ def compile_decoder(model: nn.Module, rows: int = 1) -> nn.Module:
             }
         },
     }
+    freeze = rows > 1 and next(model.parameters()).device.type == "cpu" and _plain_weights(model)
+    if freeze:  # frozen products that read one input become one product (llama's gate and up: +5% at batch 8)
+        options["cpp.enable_concat_linear"] = True
     compiled = torch.compile(model, options=options)
-    if rows > 1 and next(model.parameters()).device.type == "cpu" and _plain_weights(model):
+    if freeze:
         trace = compiled.forward
 
         def frozen(*args, **kwargs):
