@@ -15,6 +15,7 @@ import torch._inductor.freezing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmmo.compress.quantize import quantize
 from llmmo.config import ModelConfig, resolve_model
 from llmmo.cpu import fast_bf16
 from llmmo.errors import ConfigError, DataError
@@ -208,6 +209,11 @@ def test_bf16_decoding_is_refused_without_bf16_instructions(monkeypatch):
     model = tiny()
     with pytest.raises(ConfigError, match="dtype 'fp16' is not one of fp32, bf16"):
         decoding_dtype(model, "fp16")
+    for scheme in ("int4", "int8"):  # our packed nibbles, torchao's tensor subclass: both keep their own format
+        quantized = copy.deepcopy(model)
+        quantize(quantized, scheme, group_size=16)
+        with pytest.raises(ConfigError, match="quantized layers"):
+            decoding_dtype(quantized, "bf16")
     monkeypatch.setattr("llmmo.generate.fast_bf16", lambda: False)  # the CPU's answer, as on an AVX2-only CPU
     with pytest.raises(ConfigError, match="no bf16 instructions"):
         decoding_dtype(model, "bf16")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from llmmo.compress.quantize import is_tensor_subclass
 from llmmo.cpu import fast_bf16
 from llmmo.errors import ConfigError
 from llmmo.model import KVCache
@@ -241,7 +242,7 @@ def _plain_weights(model: nn.Module) -> bool:
     """Every parameter and buffer a plain floating-point tensor: no quantized layer (int8 / int4 storage or a
     tensor subclass)."""
     tensors = [*model.parameters(), *model.buffers()]
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() for t in tensors)
+    return all(not is_tensor_subclass(t) and t.is_floating_point() for t in tensors)
 
 
 def decoding_dtype(model: nn.Module, dtype: str) -> nn.Module:

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmmo.compress.quantize import is_tensor_subclass
+
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *post_op) -> torch.Tensor:
     """x @ weight^T + bias with oneDNN; weight is (out, in), a packed or a plain (strided) tensor. Looked up when
@@ -72,7 +74,7 @@ class OneDNNLinear(nn.Linear):
 def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN's op takes this input (fp32 on the CPU, not empty) and this weight (a plain fp32 CPU tensor, not
     a quantized tensor subclass)."""
-    plain = type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == torch.float32
+    plain = not is_tensor_subclass(weight) and weight.dtype == torch.float32
     return plain and x.dtype == torch.float32 and x.device.type == weight.device.type == "cpu" and x.numel() > 0
 
 

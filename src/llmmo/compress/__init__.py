@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from llmmo.compress.lowrank import lowrank_layout
-from llmmo.compress.quantize import quantized_layout, torchao
+from llmmo.compress.quantize import is_tensor_subclass, quantized_layout, torchao
 from llmmo.config import Config, TrainConfig
 
 if TYPE_CHECKING:
@@ -31,13 +31,9 @@ def apply_layout(model: nn.Module, records: list[dict[str, Any]]) -> None:
             lowrank_layout(model, record)
 
 
-def _is_subclass(t: torch.Tensor) -> bool:
-    return type(t) not in (torch.Tensor, nn.Parameter)
-
-
 def flatten_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """Plain tensors for safetensors, and the metadata that rebuilds torchao's quantized tensors (None if none)."""
-    if not any(_is_subclass(t) for t in state.values()):
+    if not any(is_tensor_subclass(t) for t in state.values()):
         return state, None
     support = torchao().prototype.safetensors.safetensors_support
     return support.flatten_tensor_state_dict(state)
@@ -85,7 +81,7 @@ def save_compressed(ckpt: Checkpoint, out: str | Path, record: dict[str, Any]) -
 
 def dense(t: torch.Tensor) -> torch.Tensor:
     """A plain float32 copy of `t` (a torchao quantized tensor dequantized)."""
-    return (t.dequantize() if _is_subclass(t) else t).detach().float()
+    return (t.dequantize() if is_tensor_subclass(t) else t).detach().float()
 
 
 def effective_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

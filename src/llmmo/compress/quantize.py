@@ -29,6 +29,12 @@ SCHEMES = ("int8", "dynamic-int8", "int4")
 TORCHAO = {"int8": "Int8WeightOnlyConfig", "dynamic-int8": "Int8DynamicActivationInt8WeightConfig"}
 
 
+def is_tensor_subclass(t: torch.Tensor) -> bool:
+    """A tensor subclass (torchao's quantized weights), not a plain tensor or parameter: no plain kernel (oneDNN's,
+    Inductor's constant folding, a dtype cast) may take it as a dense float tensor."""
+    return type(t) not in (torch.Tensor, nn.Parameter)
+
+
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The blocks' Linear layers by name (attention and MLP projections): what compression methods change."""
     return {name: m for name, m in model.named_modules() if name.startswith("blocks.") and isinstance(m, nn.Linear)}
