@@ -1,5 +1,6 @@
 """Optimizers and the schedule: their formulas, checked directly."""
 
+import copy
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from llmmo.config import TrainConfig
 from llmmo.train.muon import Muon, orthogonalize
-from llmmo.train.optim import lr_at
+from llmmo.train.optim import build_optimizer, lr_at
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None:
@@ -42,3 +43,25 @@ def test_muon_and_adamw_groups_update_as_their_formulas_say() -> None:
     torch.testing.assert_close(w.detach(), w0 - 0.02 * math.sqrt(2) * orthogonalize(nesterov))
     # AdamW, first step: the bias-corrected update is lr * g / (|g| + eps) = lr * sign(g)
     torch.testing.assert_close(b.detach(), b0 - 1e-3 * b.grad.sign(), atol=1e-7, rtol=0)
+
+
+def test_adamw_decays_linear_weights_only_and_its_fused_cpu_kernel_matches_the_reference_loop() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    reference = copy.deepcopy(model)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    assert opt.defaults["fused"]  # measured faster on the CPU too (docs/LOG.md, session 6)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 4]  # Linear weight; embedding, bias, norm
+    ref = torch.optim.AdamW(
+        [{"params": [reference[1].weight], "weight_decay": 0.1},
+         {"params": [reference[0].weight, reference[1].bias, *reference[2].parameters()], "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.99), foreach=False,
+    )  # fmt: skip
+    for _ in range(5):
+        x = torch.randint(0, 10, (4, 3))
+        for m, o in ((model, opt), (reference, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
