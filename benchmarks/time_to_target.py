@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/shakespeare-char-fast.yaml")
     parser.add_argument("--target", type=float, default=TARGET)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--baseline", action="store_true", help="also train issue 3's AdamW baseline")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

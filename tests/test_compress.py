@@ -210,8 +210,8 @@ def test_compress_commands_for_pruning_factorizing_and_distilling(trained, tmp_p
     assert "quantize last" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family, kv", [("gpt2", None), ("llama", 2)])
-def test_structured_pruning_keeps_exactly_what_the_kept_units_computed(family, kv) -> None:
+@pytest.mark.parametrize("family, kv, qk_norm", [("gpt2", None, False), ("llama", 2, False), ("llama", None, True)])
+def test_structured_pruning_keeps_exactly_what_the_kept_units_computed(family, kv, qk_norm) -> None:
     """The pruned model equals the original with the removed heads' and neurons' outputs zeroed."""
     from llmmo.compress.structured import importance, prune_structured
     from llmmo.config import ModelConfig, resolve_model
@@ -219,8 +219,11 @@ def test_structured_pruning_keeps_exactly_what_the_kept_units_computed(family, k
 
     torch.manual_seed(0)
     cfg = resolve_model(ModelConfig(family=family, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, vocab_size=20,
-                                    block_size=16))  # fmt: skip
+                                    block_size=16, qk_norm=qk_norm))  # fmt: skip
     model = Transformer(cfg)
+    with torch.no_grad():  # gains away from 1, so that one left behind shows
+        for norm in (p for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n):
+            norm.uniform_(0.5, 1.5)
     batches = [(torch.randint(0, 20, (3, 16)), torch.randint(0, 20, (3, 16))) for _ in range(2)]
     heads_removed = 1 if kv is None else 0  # grouped key/value heads: neurons only
     small, _ = prune_structured(model, heads_removed, 8, batches)

@@ -37,7 +37,7 @@ needs_transformers = pytest.mark.skipif(
 TOL = 1e-4  # max abs logit difference allowed (fp32); measured differences are 0 to 1e-7
 PROMPT = "ROMEO:\nBut soft, what light"
 NEW_TOKENS = 24
-ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,6 +97,7 @@ CASES = {
         "data.tokenizer": "bpe",
         "data.vocab_size": 320,
     },
+    "qwen3-qknorm-tied": {"model.family": "llama", "model.qk_norm": True, "model.tie_embeddings": True},
 }
 
 
@@ -127,7 +128,7 @@ def test_exported_models_match_in_transformers(trained: Path, shakespeare: Path,
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
-    assert type(model).__name__ == ARCH[cfg.family]
+    assert type(model).__name__ == ARCH["qwen3" if cfg.qk_norm else cfg.family]
     assert model.config.tie_word_embeddings == cfg.tie_embeddings
 
     text = shakespeare.read_text(encoding="utf-8")[5000:5400]
@@ -172,6 +173,9 @@ def _saved(tmp_path: Path, **model) -> Path:
         ({"family": "llama", "positions": "learned"}, "LlamaForCausalLM cannot compute model.positions learned"),
         ({"family": "llama", "norm": "layernorm"}, "cannot compute model.norm layernorm.*--model.family gpt2"),
         ({"family": "llama", "mlp": "gelu"}, "cannot compute model.mlp gelu"),
+        ({"family": "gpt2", "qk_norm": True}, "GPT2LMHeadModel has no QK-norm.*--model.family llama"),
+        ({"family": "llama", "qk_norm": True, "bias": True}, "Qwen3ForCausalLM .* no MLP biases.*--model.bias false"),
+        ({"family": "llama", "qk_norm": True, "mlp": "gelu"}, "Qwen3ForCausalLM cannot compute model.mlp gelu"),
     ],
 )
 def test_export_refuses_what_transformers_cannot_compute(model: dict, message: str, tmp_path: Path) -> None:
@@ -225,14 +229,14 @@ def _vocab_and_merges(text: str, byte_level: bool) -> tuple[dict[str, int], list
 
 
 def save_random_hf_model(family: str, text: str, folder: Path) -> Path:
-    """A randomly initialised LlamaForCausalLM (GQA, RoPE theta 500) or GPT2LMHeadModel (tied), saved with
-    save_pretrained together with a tokenizer of the family's kind."""
+    """A randomly initialised LlamaForCausalLM or Qwen3ForCausalLM (GQA, RoPE theta 500) or GPT2LMHeadModel (tied),
+    saved with save_pretrained together with a tokenizer of the family's kind (Llama's for qwen3)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    if family == "llama":
+    if family in ("llama", "qwen3"):
         tok = tf.LlamaTokenizer(*_vocab_and_merges(text, byte_level=False))
-        config = tf.LlamaConfig(
+        config = (tf.LlamaConfig if family == "llama" else tf.Qwen3Config)(
             vocab_size=len(tok),
             hidden_size=64,
             intermediate_size=96,
@@ -247,7 +251,7 @@ def save_random_hf_model(family: str, text: str, folder: Path) -> Path:
             eos_token_id=tok.eos_token_id,
             initializer_range=0.1,
         )
-        model = tf.LlamaForCausalLM(config)
+        model = (tf.LlamaForCausalLM if family == "llama" else tf.Qwen3ForCausalLM)(config)
     else:
         tok = tf.GPT2Tokenizer(*_vocab_and_merges(text, byte_level=True))
         config = tf.GPT2Config(
@@ -286,7 +290,12 @@ def gpt2_folder(shakespeare: Path, tmp_path_factory) -> Path:
     return _hf_folder("gpt2", shakespeare, tmp_path_factory)
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(scope="module")
+def qwen3_folder(shakespeare: Path, tmp_path_factory) -> Path:
+    return _hf_folder("qwen3", shakespeare, tmp_path_factory)
+
+
+@pytest.fixture(params=["llama", "qwen3", "gpt2"])
 def hf_folder(request) -> Path:
     return request.getfixturevalue(f"{request.param}_folder")
 
@@ -301,8 +310,9 @@ def test_random_transformers_models_import_train_and_go_back_losslessly(
     hf_tok = AutoTokenizer.from_pretrained(hf_folder)
     assert cli.main(["import", str(hf_folder), str(tmp_path / "ckpt")]) == 0
     ckpt = load_checkpoint(tmp_path / "ckpt")
-    family = theirs.config.model_type
+    family = "gpt2" if theirs.config.model_type == "gpt2" else "llama"  # qwen3: llama with QK-norm
     assert ckpt.model.cfg.family == family and ckpt.tokenizer.kind == ("hf" if family == "llama" else "bpe")
+    assert ckpt.model.cfg.qk_norm == (theirs.config.model_type == "qwen3")
     assert ckpt.data.source == f"hf:{hf_folder}" and ckpt.data.block_size == 64
 
     text = shakespeare.read_text(encoding="utf-8")[70000:70600]
@@ -368,6 +378,8 @@ def edit_config(tmp_path: Path):
         ("llama", {"hidden_act": "gelu"}, (), "hidden_act 'gelu'"),
         ("llama", {"mlp_bias": True}, (), "attention_bias=False with mlp_bias=True"),
         ("llama", {"model_type": "mistral", "sliding_window": 32}, (), "model_type 'mistral'"),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 32}, (), "sliding-window"),
+        ("qwen3", {"attention_bias": True}, (), "attention_bias=True with mlp_bias=False"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, (), "scale_attn_by_inverse_layer_idx=True"),
         ("gpt2", {"reorder_and_upcast_attn": True}, (), "reorder_and_upcast_attn=True"),
         ("gpt2", {"activation_function": "relu"}, (), "activation_function 'relu'"),

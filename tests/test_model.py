@@ -17,6 +17,7 @@ def make(family: str = "gpt2", **kw) -> Transformer:
 
 
 FAMILIES = [("gpt2", {}), ("llama", {}), ("llama", {"n_kv_head": 2}), ("llama", {"n_kv_head": 1})]
+FAMILIES += [("gpt2", {"qk_norm": True}), ("llama", {"n_kv_head": 2, "qk_norm": True})]
 
 
 def test_family_defaults() -> None:
@@ -54,6 +55,29 @@ def test_attention_matches_its_equation() -> None:
     expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, cfg.n_embd))
     got = attn(x, model.rotary(torch.arange(10)), None, None, 0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_scales_each_heads_queries_and_keys_to_unit_rms_times_the_gain() -> None:
+    """With QK-norm, attention is the same equation on RMS-normalised queries and keys (per head, over D)."""
+    model = make("llama", n_kv_head=2, qk_norm=True)
+    attn, cfg = model.blocks[0].attn, model.cfg
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 10, cfg.n_embd)
+    q, k, v = attn.qkv(x).split([cfg.n_embd, 2 * cfg.head_dim, 2 * cfg.head_dim], dim=-1)
+
+    def rms_normed(t: torch.Tensor, heads: int, gain: torch.Tensor) -> torch.Tensor:
+        t = t.view(2, 10, heads, cfg.head_dim).transpose(1, 2)
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * gain
+
+    q, k = rms_normed(q, cfg.n_head, attn.q_norm.weight), rms_normed(k, 2, attn.k_norm.weight)
+    k, v = k.repeat_interleave(2, dim=1), v.view(2, 10, 2, cfg.head_dim).transpose(1, 2).repeat_interleave(2, dim=1)
+    cos, sin = model.rotary(torch.arange(10))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, cfg.n_embd)
+    got = attn(x, model.rotary(torch.arange(10)), None, None, 0)
+    torch.testing.assert_close(got, attn.proj(expected), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_scores_depend_only_on_relative_position() -> None:

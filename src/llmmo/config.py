@@ -68,6 +68,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # share the token embedding with the output head
     norm_eps: float | None = None  # the norms' epsilon
     rope_theta: float = 10000.0  # RoPE's base wavelength
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys (Qwen3's; 1.886 in 0.7x the steps, docs/LOG.md)
 
 
 @dataclass

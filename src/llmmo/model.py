@@ -4,7 +4,8 @@ Two families share this code (see `config.FAMILY_DEFAULTS`):
 - gpt2: learned positions, LayerNorm, GELU MLP, biases, tied embeddings (Radford et al. 2019);
 - llama: rotary positions (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019), SwiGLU MLP (Shazeer 2020),
   no biases, grouped-query attention (Ainslie et al. 2023).
-Blocks are pre-norm residual: x = x + attn(norm(x)); x = x + mlp(norm(x)).
+Blocks are pre-norm residual: x = x + attn(norm(x)); x = x + mlp(norm(x)). Either family may normalise each
+head's queries and keys (`qk_norm`; the llama family with it is Qwen3's architecture).
 
 Shapes: B batch, T time (tokens), C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim (C / H unless heads
 were pruned), V = vocab.
@@ -166,6 +167,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023; as in Qwen3): each head's queries and keys are
+        # RMS-normalised, with a learned gain per channel, which keeps attention logits from growing large
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -184,6 +189,8 @@ class Attention(nn.Module):
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over D, before the rotation
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)

@@ -113,6 +113,9 @@ def prune_structured(
             qkv_rows = torch.cat([channels + part * cfg.n_head * D for part in range(3)])
             _take(block.attn.qkv, qkv_rows, None, new.attn.qkv)
             _take(block.attn.proj, None, channels, new.attn.proj)
+            for norm in ("q_norm", "k_norm"):  # QK-norm's gains act per channel of a head, shared by all heads
+                if getattr(block.attn, norm) is not None:
+                    getattr(new.attn, norm).load_state_dict(getattr(block.attn, norm).state_dict())
         else:
             new.attn.load_state_dict(block.attn.state_dict())
         kept = ns.argsort(descending=True)[: new_cfg.mlp_hidden].sort().values.to(block.mlp.up.weight.device)

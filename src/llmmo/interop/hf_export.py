@@ -2,7 +2,8 @@
 
 ```
 OUT/
-  config.json                 LlamaForCausalLM (llama family) or GPT2LMHeadModel (gpt2 family)
+  config.json                 LlamaForCausalLM (llama family), Qwen3ForCausalLM (llama with QK-norm) or
+                              GPT2LMHeadModel (gpt2 family)
   model.safetensors           or model-0000i-of-0000n.safetensors + model.safetensors.index.json
   generation_config.json      bos / eos / pad ids
   tokenizer.json              our tokenizer.json as it is (it is HF `tokenizers` JSON already)
@@ -34,18 +35,33 @@ from llmmo.interop.hf_weights import parse_size, save_hf_tensors, to_hf_tensors
 from llmmo.tokenizer import EOS, EOT, HF, UNK, Tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers 5 defaults to 50GB; smaller shards download and resume better
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Special tokens an hf-kind tokenizer may name its roles with (the roles are not part of tokenizer.json).
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
+def hf_model_type(cfg: ModelConfig) -> str:
+    """transformers' model_type for the model: its family's, or qwen3 for the llama family with QK-norm (Qwen3 is
+    Llama with q_norm and k_norm)."""
+    return "qwen3" if cfg.family == "llama" and cfg.qk_norm else cfg.family
+
+
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuse a model that the family's transformers class would compute differently, naming the option."""
     family = cfg.family
-    if family not in ARCHITECTURES:
+    if family not in ("gpt2", "llama"):
         raise InteropError(f"model.family '{family}' has no transformers counterpart; llmmo exports gpt2 and llama")
+    if cfg.qk_norm and family == "gpt2":
+        raise InteropError(
+            "GPT2LMHeadModel has no QK-norm (model.qk_norm true); use --model.family llama, exported as "
+            "Qwen3ForCausalLM, or train without it"
+        )
+    if cfg.qk_norm and cfg.bias:
+        raise InteropError(
+            "Qwen3ForCausalLM (llama with QK-norm) has no MLP biases (model.bias true); train with --model.bias false"
+        )
     # (option, the value the class computes)
     if family == "gpt2":
         fixed = [("positions", "learned"), ("norm", "layernorm"), ("mlp", "gelu")]
@@ -65,10 +81,11 @@ def check_exportable(cfg: ModelConfig) -> None:
     for option, needed in fixed:
         value = getattr(cfg, option)
         if value != needed:
-            theirs = "llama" if family == "gpt2" else "gpt2"
+            # the other family, unless QK-norm (which only the llama family exports) rules it out
+            other = "" if cfg.qk_norm else f", or use --model.family {'llama' if family == 'gpt2' else 'gpt2'},"
             raise InteropError(
-                f"{ARCHITECTURES[family]} cannot compute model.{option} {value} (it has {needed} only); keep "
-                f"model.{option} {needed} in the {family} family, or use --model.family {theirs}, to export"
+                f"{ARCHITECTURES[hf_model_type(cfg)]} cannot compute model.{option} {value} (it has {needed} only); "
+                f"keep model.{option} {needed} in the {family} family{other} to export"
             )
 
 
@@ -115,7 +132,8 @@ def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
     dtype = ckpt.model.tok_emb.weight.dtype
     if dtype not in DTYPES:
         raise InteropError(f"weights of dtype {dtype} cannot be exported; export a float checkpoint")
-    common = {"architectures": [ARCHITECTURES[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size}
+    model_type = hf_model_type(cfg)
+    common = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size}
     if cfg.family == "gpt2":
         arch = {
             "n_positions": cfg.block_size,
@@ -146,10 +164,13 @@ def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5
             "rope_theta": cfg.rope_theta,  # where transformers 4 and other readers look for it
             "attention_bias": cfg.bias,
-            "mlp_bias": cfg.bias,
             # training only: LlamaForCausalLM drops out attention weights alone, ours also residuals/embeddings
             "attention_dropout": cfg.dropout,
         }
+        if model_type == "qwen3":  # full attention in every layer, as ours
+            arch |= {"use_sliding_window": False, "sliding_window": None}
+        else:
+            arch["mlp_bias"] = cfg.bias
     tail = {
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": 0.02,

@@ -1,4 +1,5 @@
-"""`llmmo import`: a transformers folder (GPT2LMHeadModel or LlamaForCausalLM, local or from the Hub) -> an
+"""`llmmo import`: a transformers folder (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM, local or from
+the Hub) -> an
 llmmo inference checkpoint that eval, generate and train's tools load like any other.
 
 The folder's config is read with transformers (its defaults and its legacy spellings, e.g. `rope_scaling`
@@ -21,7 +22,11 @@ from llmmo.interop.hf_weights import from_hf_tensors, load_hf_tensors
 from llmmo.model import Transformer
 from llmmo.tokenizer import Tokenizer
 
-CLASSES = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "llama": ("LlamaForCausalLM", "LlamaModel")}
+CLASSES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
+    "llama": ("LlamaForCausalLM", "LlamaModel"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Model"),  # our llama family with QK-norm
+}
 GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation that our gelu MLP computes
 # What `--from-hub` downloads: the config, the safetensors weights and the fast tokenizer, nothing else.
 HUB_FILES = [
@@ -41,7 +46,7 @@ def _refuse(folder: Path, what: str, fix: str) -> InteropError:
 
 
 def read_hf_config(folder: Path) -> Any:
-    """The folder's transformers config (GPT2Config or LlamaConfig), after checking it is one of the two."""
+    """The folder's transformers config (GPT2Config, LlamaConfig or Qwen3Config), after checking its type."""
     path = folder / "config.json"
     if not path.is_file():
         raise InteropError(f"'{folder}' has no config.json; pass a folder written by transformers' save_pretrained()")
@@ -51,7 +56,7 @@ def read_hf_config(folder: Path) -> Any:
         raise InteropError(f"'{path}' is not valid JSON ({e})") from None
     model_type = raw.get("model_type")
     if model_type not in CLASSES:
-        fix = "llmmo imports gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM)"
+        fix = "llmmo imports gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) and qwen3 (Qwen3ForCausalLM)"
         raise _refuse(folder, f"model_type {model_type!r}", fix)
     archs = raw.get("architectures") or []
     if archs and not set(archs) & set(CLASSES[model_type]):
@@ -59,10 +64,10 @@ def read_hf_config(folder: Path) -> Any:
     if raw.get("quantization_config"):
         raise _refuse(folder, "quantized weights (quantization_config)", "import the float model")
     try:
-        from transformers import GPT2Config, LlamaConfig
+        from transformers import GPT2Config, LlamaConfig, Qwen3Config
     except ImportError:
         raise InteropError(f"llmmo import reads configs with transformers, not installed here: {HF_EXTRA}") from None
-    cls = GPT2Config if model_type == "gpt2" else LlamaConfig
+    cls = {"gpt2": GPT2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[model_type]
     try:
         return cls.from_pretrained(str(folder))
     except (ValueError, TypeError, OSError) as e:
@@ -103,10 +108,12 @@ def _gpt2_model_config(c: Any, folder: Path) -> ModelConfig:
 def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
     if c.hidden_act != "silu":
         raise _refuse(folder, f"hidden_act {c.hidden_act!r}", "llmmo's llama MLP is SwiGLU (silu)")
-    if c.attention_bias != c.mlp_bias:
+    qwen3 = c.model_type == "qwen3"
+    mlp_bias = False if qwen3 else c.mlp_bias  # Qwen3's MLP has no biases
+    if c.attention_bias != mlp_bias:
         raise _refuse(
             folder,
-            f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias}",
+            f"attention_bias={c.attention_bias} with mlp_bias={mlp_bias}",
             "llmmo's model.bias sets both together",
         )
     rope = dict(c.rope_parameters or {})
@@ -117,7 +124,8 @@ def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
     extra = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta", "type")}
     if extra.pop("partial_rotary_factor", 1.0) != 1.0 or extra:
         raise _refuse(folder, f"rope parameters {sorted(rope)}", "llmmo rotates whole heads with rope_theta only")
-    if getattr(c, "sliding_window", None) or getattr(c, "layer_types", None):
+    sliding = getattr(c, "use_sliding_window", True) and getattr(c, "sliding_window", None)
+    if sliding or set(getattr(c, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         raise _refuse(folder, "sliding-window or per-layer attention", "llmmo's attention is full causal")
     return ModelConfig(
         family="llama",
@@ -137,11 +145,12 @@ def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
         tie_embeddings=bool(c.tie_word_embeddings),
         norm_eps=float(c.rms_norm_eps),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
+        qk_norm=qwen3,
     )
 
 
 def model_config_from_hf(hf_config: Any, folder: Path) -> ModelConfig:
-    """Our ModelConfig for a GPT2Config or LlamaConfig; refuses every option our model lacks."""
+    """Our ModelConfig for a GPT2Config, LlamaConfig or Qwen3Config; refuses every option our model lacks."""
     make = _gpt2_model_config if hf_config.model_type == "gpt2" else _llama_model_config
     try:
         return resolve_model(make(hf_config, folder))

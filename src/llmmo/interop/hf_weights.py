@@ -1,4 +1,5 @@
-"""Weights between llmmo's names and transformers' (GPT2LMHeadModel, LlamaForCausalLM), and the safetensors
+"""Weights between llmmo's names and transformers' (GPT2LMHeadModel, LlamaForCausalLM, and Qwen3ForCausalLM for
+the llama family with QK-norm), and the safetensors
 files of a transformers folder: one `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` with
 `model.safetensors.index.json`.
 
@@ -31,6 +32,7 @@ GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp
 GPT2_LINEARS += (("mlp.proj", "mlp.c_proj"),)
 LLAMA_LINEARS = (("attn.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"))
 LLAMA_LINEARS += (("mlp.proj", "mlp.down_proj"),)
+QK_NORMS = ("q_norm", "k_norm")  # the same names in our Attention and in Qwen3's
 
 
 def to_hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -64,6 +66,9 @@ def to_hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
             ours, theirs = f"blocks.{i}.", f"{p}layers.{i}."
             out[f"{theirs}input_layernorm.weight"] = sd[f"{ours}norm1.weight"]
             out[f"{theirs}post_attention_layernorm.weight"] = sd[f"{ours}norm2.weight"]
+            if cfg.qk_norm:
+                for norm in QK_NORMS:
+                    out[f"{theirs}self_attn.{norm}.weight"] = sd[f"{ours}attn.{norm}.weight"]
             for kind in ("weight", "bias") if cfg.bias else ("weight",):
                 parts = sd[f"{ours}attn.qkv.{kind}"].split(sizes)
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
@@ -107,6 +112,9 @@ def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
             ours, theirs = f"blocks.{i}.", f"layers.{i}."
             sd[f"{ours}norm1.weight"] = take(f"{theirs}input_layernorm.weight")
             sd[f"{ours}norm2.weight"] = take(f"{theirs}post_attention_layernorm.weight")
+            if cfg.qk_norm:
+                for norm in QK_NORMS:
+                    sd[f"{ours}attn.{norm}.weight"] = take(f"{theirs}self_attn.{norm}.weight")
             for kind in ("weight", "bias") if cfg.bias else ("weight",):
                 qkv = [take(f"{theirs}self_attn.{name}.{kind}") for name in ("q_proj", "k_proj", "v_proj")]
                 sd[f"{ours}attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
