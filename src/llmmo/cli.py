@@ -770,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="write a checkpoint as a transformers model folder",
         description="Write a checkpoint for another library: --format hf is a transformers folder "
-        "(GPT2LMHeadModel or LlamaForCausalLM, safetensors, tokenizer) that loads with no llmmo code.",
+        "(GPT2LMHeadModel, LlamaForCausalLM, or Qwen3ForCausalLM for the llama family with QK-norm; safetensors, "
+        "tokenizer) that loads with no llmmo code.",
     )
     p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/ckpt-best)")
     p.add_argument("out", help="the folder to write")
@@ -786,8 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         allow_abbrev=False,
         help="convert a transformers model folder into a checkpoint",
-        description="Convert a transformers GPT2LMHeadModel or LlamaForCausalLM (a local folder, or --from-hub "
-        "NAME) into an llmmo checkpoint. Needs the hf extra: pip install 'llmmo[hf]'.",
+        description="Convert a transformers GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM (a local folder, "
+        "or --from-hub NAME) into an llmmo checkpoint. Needs the hf extra: pip install 'llmmo[hf]'.",
     )
     p.add_argument("hf_folder", nargs="?", metavar="HF_FOLDER", help="a folder written by save_pretrained()")
     p.add_argument("out", metavar="OUT", help="the checkpoint folder to write")

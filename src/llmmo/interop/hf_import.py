@@ -109,11 +109,16 @@ def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
     if c.hidden_act != "silu":
         raise _refuse(folder, f"hidden_act {c.hidden_act!r}", "llmmo's llama MLP is SwiGLU (silu)")
     qwen3 = c.model_type == "qwen3"
-    mlp_bias = False if qwen3 else c.mlp_bias  # Qwen3's MLP has no biases
-    if c.attention_bias != mlp_bias:
+    if qwen3 and c.attention_bias:
         raise _refuse(
             folder,
-            f"attention_bias={c.attention_bias} with mlp_bias={mlp_bias}",
+            "a Qwen3 with attention_bias=True (biases in attention, none in its MLP)",
+            "llmmo's model.bias puts them in attention and MLP together",
+        )
+    if not qwen3 and c.attention_bias != c.mlp_bias:
+        raise _refuse(
+            folder,
+            f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias}",
             "llmmo's model.bias sets both together",
         )
     rope = dict(c.rope_parameters or {})
@@ -124,8 +129,11 @@ def _llama_model_config(c: Any, folder: Path) -> ModelConfig:
     extra = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta", "type")}
     if extra.pop("partial_rotary_factor", 1.0) != 1.0 or extra:
         raise _refuse(folder, f"rope parameters {sorted(rope)}", "llmmo rotates whole heads with rope_theta only")
-    sliding = getattr(c, "use_sliding_window", True) and getattr(c, "sliding_window", None)
-    if sliding or set(getattr(c, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+    # Qwen3 lists each layer's attention: its window (None unless use_sliding_window) applies to the layers of type
+    # "sliding_attention" only; a config without the list (Llama) has one window for all layers, or none
+    layers = set(getattr(c, "layer_types", None) or [])
+    windowed = bool(getattr(c, "sliding_window", None)) and (not layers or "sliding_attention" in layers)
+    if windowed or layers - {"full_attention", "sliding_attention"}:
         raise _refuse(folder, "sliding-window or per-layer attention", "llmmo's attention is full causal")
     return ModelConfig(
         family="llama",
