@@ -24,7 +24,7 @@ import yaml
 
 from llmmo.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from llmmo.config import Config, TrainConfig, config_to_dict, resolve_config, resolve_model
-from llmmo.cpu import cpu_vendor, mkl_fast_path
+from llmmo.cpu import cpu_vendor, keep_freed_memory, mkl_fast_path
 from llmmo.data import EpochWindows, PreparedData, RandomWindows, prepare_data
 from llmmo.distributed import (
     World,
@@ -164,6 +164,8 @@ class Trainer:
                 "use --train.parallel ddp with muon, or --train.optimizer adamw with fsdp"
             )
         self.autocast = autocast_for(self.device, t.dtype)
+        if self.device.type == "cpu":  # each step's tensors reuse the last step's memory (llmmo.cpu)
+            keep_freed_memory()
         resumed = self._load_resume_checkpoint()
         if start is not None and resumed is not None:
             raise ConfigError("a run either resumes (train.resume) or starts from a given model, not both")
