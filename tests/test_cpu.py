@@ -130,4 +130,4 @@ def test_kept_freed_memory_spares_a_training_step_its_page_faults() -> None:
     kept, default, with_keep = proc.stdout.split()
     if float(default) < 100:
         pytest.skip(f"this C library faults {default} pages a step already (jemalloc or tcmalloc preloaded?)")
-    assert kept == "True" and float(with_keep) < float(default) / 5, (default, with_keep)  # measured: 15-1700x fewer
+    assert kept == "True" and float(with_keep) < float(default) / 5, (default, with_keep)  # measured: >= 15x fewer

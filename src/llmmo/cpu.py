@@ -35,7 +35,7 @@ _EXPECTED_START = b"\x8b\x05"
 _state: bool | None = None  # mkl_fast_path's answer, once asked
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 << 20  # the largest glibc accepts on 64-bit systems (HEAP_MAX_SIZE / 2)
+_MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own dynamic threshold on 64-bit systems
 _lock = threading.Lock()
 
 
@@ -107,7 +107,7 @@ def keep_freed_memory() -> bool:
     now does. A CPU training step allocates and frees the same tensors every step. glibc serves blocks above its
     (dynamic) mmap threshold with mmap and unmaps them when freed, and trims the heap's free top, so the next step
     faults every page in again: 500-1,000 page faults a step at the 0.8M shape, ~30,000 at 10.7M. With blocks up
-    to 32 MiB served from the heap and no trimming: 3-5 and ~190, and the 0.8M step is 1-9% faster (10.7M: ~2%;
+    to 32 MiB served from the heap and no trimming: 3-5 and ~190, and the 0.8M step is 1-9% faster (10.7M: 1.5%;
     docs/LOG.md). This is what preloading jemalloc or tcmalloc does for PyTorch on CPUs, in-process. The resident
     memory then stays at its high-water mark, which a training loop reaches every step anyway. Process-wide;
     Linux with glibc only (elsewhere it answers False and changes nothing)."""
@@ -115,7 +115,9 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's C library: glibc's, or musl's (which ignores it)
-    except AttributeError:
+    except (OSError, AttributeError):  # no dynamic loading, or no mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    served = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)  # both asked, whichever one a C library refuses
+    kept = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return bool(served) and bool(kept)
