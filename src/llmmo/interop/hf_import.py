@@ -1,6 +1,5 @@
 """`llmmo import`: a transformers folder (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM, local or from
-the Hub) -> an
-llmmo inference checkpoint that eval, generate and train's tools load like any other.
+the Hub) -> an llmmo inference checkpoint that eval, generate and train's tools load like any other.
 
 The folder's config is read with transformers (its defaults and its legacy spellings, e.g. `rope_scaling`
 in 4.x folders, are transformers' to resolve), the weights with safetensors. Whatever our model would compute

@@ -1,7 +1,6 @@
 """Weights between llmmo's names and transformers' (GPT2LMHeadModel, LlamaForCausalLM, and Qwen3ForCausalLM for
-the llama family with QK-norm), and the safetensors
-files of a transformers folder: one `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` with
-`model.safetensors.index.json`.
+the llama family with QK-norm), and the safetensors files of a transformers folder: one `model.safetensors`, or
+shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
 
 Every tensor is moved, never recomputed: GPT-2's Conv1D stores (in, out), the transpose of nn.Linear, and
 our fused qkv is the row-wise concatenation q | k | v of Llama's q_proj, k_proj, v_proj, so both directions
