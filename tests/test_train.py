@@ -136,6 +136,17 @@ def test_ctrl_c_in_the_middle_of_a_step_finishes_the_step(data_dir: Path, tmp_pa
     assert [b[s] for s in range(13, 31)] == pytest.approx([a[s] for s in range(13, 31)], abs=1e-6)
 
 
+def test_time_to_target_recipe_reaches_1_886_within_its_budget(data_dir: Path, tmp_path: Path) -> None:
+    """configs/shakespeare-char-fast.yaml (issue 3's time-to-target recipe) reaches val loss 1.886 on the whole
+    validation split within its 350 steps, and so within 1.42e12 training FLOPs (measured: 1.8692 at step 325,
+    1.31e12; the plain AdamW baseline needs 7.8e12). Guards the recipe against numerics that learn slower."""
+    recipe = Path(__file__).parents[1] / "configs" / "shakespeare-char-fast.yaml"
+    trainer = Trainer(load_config(recipe, {"train.out_dir": str(tmp_path / "run"), "train.device": "cpu"}))
+    result = trainer.run()
+    assert result.best_val_loss <= 1.886 and result.step <= 350  # stops at the target
+    assert result.flops <= 1.42e12
+
+
 def test_golden_curve(data_dir: Path, tmp_path: Path) -> None:
     """The first 50 losses of a tiny seeded model; any change to the numerics must update this file on purpose
     (regenerate with LLMMO_UPDATE_GOLDEN=1). One thread, fp32 on the CPU: matmul results then do not depend on
