@@ -35,7 +35,7 @@ _EXPECTED_START = b"\x8b\x05"
 _state: bool | None = None  # mkl_fast_path's answer, once asked
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own dynamic threshold on 64-bit systems
+_HEAP_BLOCKS_UP_TO = 32 << 20  # bytes; the ceiling of glibc's own dynamic mmap threshold on 64-bit systems
 _lock = threading.Lock()
 
 
@@ -118,6 +118,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # no dynamic loading, or no mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    served = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)  # both asked, whichever one a C library refuses
+    served = mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS_UP_TO)  # both asked, whichever one a C library refuses
     kept = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     return bool(served) and bool(kept)
