@@ -248,6 +248,19 @@ def test_best_val_loss_in_every_checkpoint_is_the_best_so_far(data_dir: Path, tm
     assert latest["best_val_loss"] == pytest.approx(min(evals)) == best["best_val_loss"]
 
 
+def test_a_cpu_trainer_keeps_freed_memory_for_its_next_step(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer's set-up applies llmmo.cpu.keep_freed_memory on a CPU. What the setting does (15x fewer page
+    faults a step) is measured in tests/test_cpu.py, in a fresh process; glibc's defaults fault from 5 to 2,000
+    pages a step depending on what the process allocated before, so faults alone cannot tell whether the Trainer
+    applied it."""
+    calls = []
+    monkeypatch.setattr("llmmo.train.trainer.keep_freed_memory", lambda: calls.append("cpu") or True)
+    Trainer(load_config(overrides=tiny(tmp_path / "run")))
+    assert calls == ["cpu"]
+
+
 def test_weight_decay_spares_norms_biases_and_embeddings(data_dir: Path, tmp_path: Path) -> None:
     for family in ("gpt2", "llama"):  # tied and untied output heads
         trainer = Trainer(load_config(overrides=tiny(tmp_path / family, **{"model.family": family})))
