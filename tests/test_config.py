@@ -90,6 +90,14 @@ def test_bad_keys_and_values_are_named(overrides: dict, message: str) -> None:
         ({"train.max_steps": 0}, "set a budget"),
         ({"model.dropout": 1.0}, r"model.dropout must be in \[0, 1\)"),
         ({"model.block_size": 32, "data.block_size": 64}, "exceeds model.block_size"),
+        ({"train.beta2": 1.0}, r"train.beta2 must be in \[0, 1\)"),
+        ({"train.beta1": -0.1}, r"train.beta1 must be in \[0, 1\)"),
+        ({"train.muon_lr": 0.0}, "train.muon_lr must be positive"),
+        ({"train.seed": -1}, "train.seed cannot be negative"),
+        ({"train.warmup_steps": -5}, "train.warmup_steps cannot be negative"),
+        ({"train.weight_decay": -0.1}, "train.weight_decay cannot be negative"),
+        ({"train.grad_clip": -1.0}, "train.grad_clip cannot be negative"),
+        ({"train.eval_batches": -1}, "train.eval_batches cannot be negative"),
     ],
 )
 def test_impossible_configs_are_refused(overrides: dict, message: str) -> None:

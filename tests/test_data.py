@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import json
+import os
 import threading
 import zipfile
 from functools import partial
@@ -27,7 +28,7 @@ from llmmo.data import (
 from llmmo.data.corpus import read_documents
 from llmmo.data.sources import NamedSource, RemoteFile, pystdlib_files
 from llmmo.errors import DataError
-from llmmo.tokenizer import EOT, train_tokenizer
+from llmmo.tokenizer import EOT, Tokenizer, train_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -179,6 +180,18 @@ def test_huge_documents_encode_in_pieces_and_batches_to_the_same_ids(tmp_path: P
         split = tokenize_file(write(tmp_path / f"{kind}.txt", text), tokenizer)
         eot = [] if tokenizer.eot_id is None or kind == "word" else [tokenizer.eot_id]  # text ends with "\n"
         assert list(split.tokens) == tokenizer.encode(text) + eot
+    # an imported tokenizer's pre-tokenizer may mark the start of every text it is given (Metaspace's "▁"): cut
+    # in pieces, a document would not encode to its ids; it is encoded whole
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
+    tokenizer = Tokenizer(hf)
+    assert tokenizer.kind == "hf" and sum(map(tokenizer.encode, corpus.pieces(text, 50)), []) != tokenizer.encode(text)
+    split = tokenize_file(write(tmp_path / "hf.txt", text), tokenizer)
+    assert list(split.tokens) == tokenizer.encode(text) + [tokenizer.eot_id]
 
 
 # ---------------------------------------------------------------------------------------- the token cache
@@ -203,6 +216,13 @@ def test_the_token_cache_is_reused_and_keyed_by_text_and_tokenizer(tmp_path: Pat
     changed = prepare_data(cfg)
     assert changed.splits["train"].path != bin_path
     assert changed.tokenizer.decode(changed.splits["train"].tokens).startswith("changed text")
+    # new text of the same size under the old modification time (cp -p, rsync -t and tar keep it): not stale
+    stat = path.stat()
+    path.write_text(path.read_text().replace("changed", "CHANGED"), encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    copied = prepare_data(cfg)
+    assert copied.tokenizer.decode(copied.splits["train"].tokens).startswith("CHANGED text")
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path):

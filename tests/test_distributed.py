@@ -159,6 +159,15 @@ def test_a_one_process_checkpoint_resumes_in_two_fsdp_processes(reference, tmp_p
     assert_same(records(out), reference)
 
 
+def test_a_two_process_run_with_dropout_resumes_exactly(data_dir, tmp_path) -> None:
+    """Every rank's random stream (its dropout masks) is saved and restored, not rank 0's alone."""
+    dropout = {"model.dropout": 0.1}
+    two_processes(tmp_path / "whole", **dropout)
+    two_processes(tmp_path / "cut", **dropout, **{"train.max_steps": 15})
+    two_processes(tmp_path / "cut", **dropout, **{"train.resume": True})
+    assert_same(records(tmp_path / "cut"), records(tmp_path / "whole"))
+
+
 def _children(pid: int) -> list[int]:
     """Every descendant process of pid (Linux /proc)."""
     out = []

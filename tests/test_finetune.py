@@ -333,6 +333,28 @@ def test_chat_prompt_mode_and_eval_task(sft_run: dict[str, Path], capsys, tmp_pa
         assert scores["n"] == 2 and 0 <= scores[metric] <= 100
 
 
+def test_a_step_weighs_every_target_alike_however_its_batch_is_split(sft_run: dict[str, Path], tmp_path: Path) -> None:
+    """Replies differ in length. A step of two micro-batches has the loss and gradient of the mean over all its
+    targets, not the mean of the two micro-batches' means (which would weigh the shorter replies' tokens more)."""
+    train = str(sft_run["root"] / "train.jsonl")
+    cfg = finetune_defaults()
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.epochs = str(tmp_path / "run"), 1, 0
+    cfg.train.batch_size, cfg.train.grad_accum = 1, 2
+    tuner = SFTTuner(
+        cfg, FinetuneConfig("sft", train, prompt_field="question", response_field="answer"), sft_run["root"] / "base"
+    )
+    batches = [tuner.sampler.batch(0, micro) for micro in range(2)]
+    targets = [int((y >= 0).sum()) for _, y in batches]
+    assert targets[0] != targets[1]  # so the mean of the two means is not the mean
+    mean = sum(tuner.compute_loss(x, y) * n for (x, y), n in zip(batches, targets, strict=True)) / sum(targets)
+    mean.backward()
+    gradient_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in tuner.model.parameters()]))
+    tuner.optimizer.zero_grad(set_to_none=True)
+    record = tuner.train_step()
+    assert record["train_loss"] == pytest.approx(mean.item(), rel=1e-6)
+    assert record["grad_norm"] == pytest.approx(gradient_norm.item(), rel=1e-5)
+
+
 def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path], tmp_path: Path, capsys) -> None:
     base = sft_run["root"] / "base"
     cfg = finetune_defaults()

@@ -306,3 +306,55 @@ def test_existing_run_is_not_overwritten(data_dir: Path, tmp_path: Path) -> None
         Trainer(load_config(overrides=tiny(tmp_path / "r", **{"train.max_steps": 2})))
     with pytest.raises(ConfigError, match="no checkpoint at"):
         Trainer(load_config(overrides=tiny(tmp_path / "new", **{"train.resume": True})))
+
+
+def test_a_save_cut_between_its_renames_keeps_the_run(data_dir: Path, tmp_path: Path) -> None:
+    """A crash between atomic_folder's two renames parks ckpt-latest at .ckpt-latest.previous: the run is still
+    there. A fresh run must not start over it (emptying metrics.jsonl), and resume names the way back."""
+    out = tmp_path / "r"
+    Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 2}))).run()
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "ckpt-latest").rename(out / ".ckpt-latest.previous")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 2})))
+    with pytest.raises(CheckpointError, match="a save was cut short.*rename it to 'ckpt-latest'"):
+        Trainer(load_config(overrides=tiny(out, **{"train.resume": True})))
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_finished_run_resumes_past_a_cut_metrics_line_without_evaluating_again(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r"
+    every = {"train.eval_every": 10}
+    Trainer(load_config(overrides=tiny(out, **every, **{"train.max_steps": 20}))).run()
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 21, "train_lo')  # a crash while a record was being appended
+    resumed = tiny(out, **every, **{"train.resume": True})
+    result = Trainer(load_config(overrides=resumed | {"train.max_steps": 20})).run()
+    assert result.step == 20 and metrics.read_text() == whole  # the cut line dropped, no second val record at 20
+    Trainer(load_config(overrides=resumed | {"train.max_steps": 30})).run()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "val_loss" in line]
+    assert steps == [10, 20, 30]
+
+
+def test_validation_uses_the_training_windows(data_dir: Path, tmp_path: Path) -> None:
+    """A model whose context (64) is longer than the windows it trains on (32) is validated, and its FLOPs
+    counted, on 32-token windows: positions past 32 never trained."""
+    trainer = Trainer(load_config(overrides=tiny(tmp_path / "r", **{"model.block_size": 64, "train.eval_batches": 2})))
+    split = trainer.data.splits["val"]
+    windows = {n: evaluate(trainer.model, split, trainer.token_bytes, 4, 2, block_size=n).loss for n in (32, 64)}
+    assert trainer.validate()["val_loss"] == pytest.approx(windows[32], rel=1e-6)
+    assert windows[32] != pytest.approx(windows[64], rel=1e-3)
+    assert trainer.flops_per_token == trainer.model.flops_per_token(32) < trainer.model.flops_per_token()
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path: Path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    run = {"data.path": str(text), "train.max_steps": 2}
+    Trainer(load_config(overrides=tiny(tmp_path / "r", **run))).run()
+    text.write_text(text.read_text() + "and the dog sleeps on\n" * 50)
+    with pytest.raises(ConfigError, match="the corpus changed"):
+        Trainer(load_config(overrides=tiny(tmp_path / "r", **run, **{"train.resume": True})))

@@ -333,6 +333,14 @@ def resolve_config(cfg: Config) -> Config:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
+    if t.muon_lr <= 0:
+        raise ConfigError(f"train.muon_lr must be positive, got {t.muon_lr}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ConfigError(f"train.{key} must be in [0, 1) (Adam's moment decay), got {getattr(t, key)}")
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} cannot be negative, got {getattr(t, key)}")
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.matmul == "onednn" and t.compile:

@@ -49,6 +49,15 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `t` (of the same shape and dtype on every rank), in rank order, on the CPU."""
+        if self.size == 1:
+            return [t]
+        device = _collective_device()
+        parts = [torch.empty_like(t, device=device) for _ in range(self.size)]
+        dist.all_gather(parts, t.to(device))
+        return [p.cpu() for p in parts]
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

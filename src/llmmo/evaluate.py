@@ -43,8 +43,10 @@ def evaluate(
     device: str | torch.device = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
     world: World | None = None,
+    block_size: int = 0,
 ) -> EvalResult:
-    """Evaluate `model` on `split` (the whole split, or its first `max_batches` batches).
+    """Evaluate `model` on `split` (the whole split, or its first `max_batches` batches), in windows of
+    `block_size` tokens (0: the model's context; a training run passes the windows it trains on).
 
     With a `world` of N training processes, `batch_size` is the global batch: rank r takes rows [r * B, (r + 1)
     * B) of each batch, B = batch_size / N rounded up, and the sums of loss, tokens and bytes are added over the
@@ -58,10 +60,11 @@ def evaluate(
     whole_split = max_batches == 0  # then its own byte count is exact: no need to add up the tokens' bytes
     byte_table = torch.from_numpy(token_bytes)
     share = -(-batch_size // world.size)
-    for x, y in eval_windows(split.tokens, model.cfg.block_size, batch_size, max_batches):
+    block_size = block_size or model.cfg.block_size
+    for x, y in eval_windows(split.tokens, block_size, batch_size, max_batches):
         x, y = x[world.rank * share : (world.rank + 1) * share], y[world.rank * share : (world.rank + 1) * share]
         if len(x) == 0:
-            x = torch.zeros(1, model.cfg.block_size, dtype=torch.long)
+            x = torch.zeros(1, block_size, dtype=torch.long)
             y = torch.full_like(x, -1)
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():

@@ -17,9 +17,21 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        sync(tmp)
         tmp.replace(dest)
+        sync(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk. A rename survives a power cut only once the data it
+    names is on the disk, and the rename itself only once its folder is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(dest: Path, text: str) -> None:
@@ -45,10 +57,13 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        for path in [*tmp.rglob("*"), tmp]:
+            sync(path)
         shutil.rmtree(previous, ignore_errors=True)
         if dest.exists():
             dest.rename(previous)
         tmp.rename(dest)
+        sync(dest.parent)  # the renames are on the disk before the old folder goes
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -321,16 +321,16 @@ class Transformer(nn.Module):
                 n -= self.pos_emb.weight.numel()
         return n
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
-        12 * n_layer * (n_head * head_dim) * block_size (PaLM, Chowdhery et al. 2022, appendix B; n_head *
-        head_dim is n_embd unless heads were pruned). The output head counts as a matmul even when tied;
-        embedding lookups cost nothing. Layers of any module with in_features and out_features (quantized ones
-        too) count as matmuls."""
+    def flops_per_token(self, seq_len: int = 0) -> int:
+        """Training FLOPs per token of sequences `seq_len` long (0: block_size): 6 per matmul weight (forward 2,
+        backward 4) plus attention's 12 * n_layer * (n_head * head_dim) * seq_len (PaLM, Chowdhery et al. 2022,
+        appendix B; n_head * head_dim is n_embd unless heads were pruned). The output head counts as a matmul
+        even when tied; embedding lookups cost nothing. Layers of any module with in_features and out_features
+        (quantized ones too) count as matmuls."""
         matmul_weights = sum(
             m.in_features * m.out_features
             for m in self.modules()
             if hasattr(m, "in_features") and hasattr(m, "out_features")
         )
         c = self.cfg
-        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * (seq_len or c.block_size)

@@ -19,7 +19,7 @@ from typing import Any
 
 # Bump when the text a split stands for, or how its tokens are joined, changes: old cache entries are then
 # never read again (they are keyed by this too).
-FORMAT_VERSION = 2  # 2: .json files holding an array of records are read as records
+FORMAT_VERSION = 3  # 2: .json arrays of records are read as records; 3: imported (hf) tokenizers encode documents whole
 
 
 def cache_dir() -> Path:
@@ -42,6 +42,8 @@ def fingerprint(identity: Any) -> str:
 
 
 def file_identity(path: Path) -> list[Any]:
-    """What says a file is unchanged without reading it: its absolute path, size and modification time."""
+    """What says a file is unchanged without reading it: its absolute path, size, inode, and modification and
+    change times. The change time too, because copying tools keep the modification time (`cp -p`, `rsync -t`,
+    `tar x`) of a file that may have the same size; no tool can set the change time."""
     stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return [str(path.resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]

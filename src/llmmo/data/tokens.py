@@ -92,7 +92,10 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> Iterator
     """The ids of the documents joined as the module docstring says, as consecutive int64 arrays."""
     eot = tokenizer.eot_id
     started = False
-    for batch in _batches(_document_pieces(documents)):
+    # llmmo's tokenizers give a document cut at `pieces` the ids of the whole; an imported one may not (a
+    # Metaspace pre-tokenizer adds "▁" at the start of every text), so its documents are encoded whole
+    cut = tokenizer.kind != "hf"
+    for batch in _batches(_document_pieces(documents, cut)):
         out: list[int] = []
         for (_, first, last), ids in zip(batch, tokenizer.encode_batch([text for text, _, _ in batch]), strict=True):
             if first and started and eot is None:
@@ -104,11 +107,11 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> Iterator
         yield np.array(out, dtype=np.int64)
 
 
-def _document_pieces(documents: Iterable[str]) -> Iterator[tuple[str, bool, bool]]:
-    """(piece, first of its document, last of its document) for the non-empty documents."""
+def _document_pieces(documents: Iterable[str], cut: bool) -> Iterator[tuple[str, bool, bool]]:
+    """(piece, first of its document, last of its document) for the non-empty documents (whole unless `cut`)."""
     for doc in documents:
         if doc:
-            parts = list(pieces(doc))
+            parts = list(pieces(doc)) if cut else [doc]
             for i, part in enumerate(parts):
                 yield part, i == 0, i == len(parts) - 1
 

@@ -31,8 +31,8 @@ class _Head(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> int:
-        return self.backbone.flops_per_token()
+    def flops_per_token(self, seq_len: int = 0) -> int:
+        return self.backbone.flops_per_token(seq_len)
 
 
 class Classifier(_Head):

@@ -10,8 +10,8 @@ from llmmo.fileio import write_text_atomic
 
 
 class MetricsLog:
-    """Appends records to `out_dir/metrics.jsonl`. On resume from step k, records after k are dropped first,
-    so the file reads as one uninterrupted run."""
+    """Appends records to `out_dir/metrics.jsonl`. On resume from step k, records after k are dropped first (and
+    TensorBoard's events after k), so the file reads as one uninterrupted run."""
 
     def __init__(self, out_dir: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = out_dir / "metrics.jsonl"
@@ -22,12 +22,13 @@ class MetricsLog:
         if resume_step is None:
             write_text_atomic(self.path, "")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            kept = [r for r in _records(self.path) if r["step"] <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         try:  # TensorBoard is optional: `pip install tensorboard` turns it on
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         except ImportError:
             self.tb = None
 
@@ -44,3 +45,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file. A line that does not parse was cut short by a crash while it was being
+    appended (the last one): it is left out, as the steps after the checkpoint are."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records

@@ -38,7 +38,7 @@ from llmmo.distributed import (
 )
 from llmmo.errors import CheckpointError, ConfigError
 from llmmo.evaluate import evaluate
-from llmmo.fileio import write_text_atomic
+from llmmo.fileio import previous_folder, write_text_atomic
 from llmmo.model import Transformer
 from llmmo.onednn import onednn_linears
 from llmmo.tokenizer import Tokenizer
@@ -192,9 +192,10 @@ class Trainer:
         # a step's tokens when every row is a full window (fine-tunes count each batch's own length instead)
         self.tokens_per_step = t.batch_size * t.grad_accum * self.world.size * self.cfg.data.block_size
         self.total_steps = self._total_steps()
-        self.flops_per_token = self.model.flops_per_token()
+        self.flops_per_token = self.model.flops_per_token(self.cfg.data.block_size)
 
         self.step, self.tokens, self.best_val_loss, self.elapsed_before = 0, 0, math.inf, 0.0
+        self.evaluated_at = -1  # the step of the last evaluation
         self.stop_requested, self.time_up = False, False  # train_step reads them (benchmarks call it alone)
         self.resumed = resumed is not None
         if resumed:
@@ -238,16 +239,18 @@ class Trainer:
 
     def _load_resume_checkpoint(self) -> Checkpoint | None:
         latest = self.out_dir / "ckpt-latest"
+        # a save cut short between its two renames left the run's last checkpoint parked beside it
+        saved = latest.exists() or previous_folder(latest).exists()
         if not self.cfg.train.resume:
-            if latest.exists():
+            if saved:
                 raise ConfigError(
                     f"'{self.out_dir}' already holds a run; pass --train.resume true to continue it, "
                     "or choose another --train.out_dir"
                 )
             return None
-        if not latest.exists():
+        if not saved:
             raise ConfigError(f"--train.resume: no checkpoint at '{latest}'; train without resume first")
-        ckpt = load_checkpoint(latest, trainer_state=True)
+        ckpt = load_checkpoint(latest, trainer_state=True)  # a parked one: says how to put it back
         self._check_same_run(ckpt)
         self.cfg.model = ckpt.model.cfg
         return ckpt
@@ -273,20 +276,32 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         state, tensors = ckpt.trainer_state["json"], ckpt.trainer_state["tensors"]
+        saved, now = state.get("train_tokens"), self._train_tokens()  # absent from checkpoints of older versions
+        if saved is not None and saved != now:
+            raise ConfigError(
+                f"--train.resume: the training text now has {now:,} tokens, but the run in '{self.out_dir}' trained "
+                f"on {saved:,}: the corpus changed. Put back the text it was trained on to continue the run, or "
+                "start a new one with another --train.out_dir"
+            )
         try:
             self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
             self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+            self.evaluated_at = state.get("evaluated_at", -1)  # absent from checkpoints of older versions
             _restore_optimizer(self.model, self.optimizer, state["optimizer"], tensors)
-            torch.set_rng_state(tensors["rng.cpu"])
+            # each rank's own random stream (dropout); a rank the run did not have (more processes now, or a
+            # checkpoint that kept rank 0's alone) draws from a seed of its own
+            rank = "" if self.world.rank == 0 else f".{self.world.rank}"
+            if f"rng.cpu{rank}" in tensors:
+                torch.set_rng_state(tensors[f"rng.cpu{rank}"])
+            else:
+                torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.world.rank + self.step)
+            if self.device.type == "cuda" and f"rng.cuda{rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda{rank}"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"the trainer state in '{self.out_dir / 'ckpt-latest'}' is damaged ({type(e).__name__}: {e}); "
                 "resume from a copy of ckpt-best instead, or start a new run"
             ) from None
-        if self.device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        if self.world.rank > 0:  # the saved states are rank 0's; the others draw dropout from their own seed
-            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.world.rank + self.step)
 
     def _total_steps(self) -> int:
         """The tightest of the budgets that are set (0 means unset); max_minutes may end the run sooner."""
@@ -298,6 +313,12 @@ class Trainer:
             limits.append(math.ceil(t.max_tokens / self.tokens_per_step))
         return min(limits)
 
+    def _train_tokens(self) -> int | None:
+        """The length of the training split in tokens (None for a fine-tune's examples): a resumed run checks that
+        its text did not change."""
+        split = self.data.splits.get(self.cfg.data.train_split)
+        return None if split is None else len(split)
+
     def _run_keys(self) -> dict[str, Any]:
         t = self.cfg.train
         keys = {k: getattr(t, k) for k in RUN_KEYS if hasattr(t, k)}
@@ -305,14 +326,19 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         groups, tensors = _optimizer_state(self.model, self.optimizer, self.world)
-        tensors["rng.cpu"] = torch.get_rng_state()
+        streams = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+            streams["cuda"] = torch.cuda.get_rng_state()
+        for device, stream in streams.items():  # every rank's (a collective): rank 0's as rng.cpu, rank r's rng.cpu.r
+            for rank, state in enumerate(self.world.gather(stream)):
+                tensors[f"rng.{device}" + (f".{rank}" if rank else "")] = state
         json_state = {
             "step": self.step,
             "tokens": self.tokens,
             "flops": self.tokens * self.flops_per_token,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "evaluated_at": self.evaluated_at,
+            "train_tokens": self._train_tokens(),
             "elapsed_s": self.elapsed(),
             "run": self._run_keys() | {"processes": self.world.size},
             "optimizer": groups,
@@ -349,6 +375,7 @@ class Trainer:
             device=self.device,
             autocast=self.autocast,
             world=self.world,
+            block_size=self.cfg.data.block_size,  # the windows it trains on (the model's context may be longer)
         )
         record = val.as_dict(prefix="val_")
         del record["val_tokens"], record["val_bytes"]
@@ -362,6 +389,7 @@ class Trainer:
     def evaluate_and_save(self) -> dict[str, Any]:
         """Evaluate on the val split, record it, and write ckpt-latest (and ckpt-best when it improved)."""
         record = self._counters() | self.validate()
+        self.evaluated_at = self.step
         self.metrics.write(record)
         improved = record["val_loss"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, record["val_loss"])
@@ -389,15 +417,22 @@ class Trainer:
             group["lr"] = group["base_lr"] * lr / t.lr
         loss_sum, tokens = 0.0, 0
         time_up = t.max_minutes > 0 and self.elapsed() >= 60 * t.max_minutes
-        for micro in range(t.grad_accum):
-            x, y = self.sampler.batch(self.step, micro)
+        batches = [self.sampler.batch(self.step, micro) for micro in range(t.grad_accum)]
+        # Each micro-batch's loss is the mean over its targets (-1: none). Weighted by its share of all the
+        # step's targets on every rank, the step's loss and gradient are the mean over those targets whatever
+        # grad_accum and the number of processes (DDP averages gradients over ranks, hence x world size): a
+        # fine-tune's rows have different numbers of targets. For full windows the weights are 1 / grad_accum.
+        targets = [int((y >= 0).sum()) for _, y in batches]
+        (all_targets,) = self.world.sum([sum(targets)])
+        for micro, ((x, y), n) in enumerate(zip(batches, targets, strict=True)):
             tokens += x.numel()  # block_size per row for windows; a task batch's own (padded) length
+            weight = n * self.world.size / max(all_targets, 1)
             x, y = x.to(self.device), y.to(self.device)
             with gradient_sync(self.forward, enabled=micro == t.grad_accum - 1):
                 with self.autocast:
                     loss = self.compute_loss(x, y)
-                (loss / t.grad_accum).backward()
-            loss_sum += loss.item()
+                (loss * weight).backward()
+            loss_sum += loss.item() * weight
         # the mean loss over the step's whole batch, and whether any rank must stop (Ctrl-C, its clock): every
         # rank then leaves the loop after the same step, and no rank waits in a collective the others skip
         loss_sum, interrupted, times_up = self.world.sum([loss_sum / self.world.size, self.stop_requested, time_up])
@@ -408,7 +443,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += tokens * self.world.size
-        return {"train_loss": loss_sum / t.grad_accum, "lr": lr, "grad_norm": grad_norm}
+        return {"train_loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The objective of one micro-batch: next-token cross-entropy."""
@@ -449,7 +484,6 @@ class Trainer:
             | self._data_info()
         )
         last_eval: dict[str, Any] = {}
-        evaluated_at = -1
         window_start, window_tokens = time.perf_counter(), 0
         with self._ctrl_c_stops_after_the_step(), contextlib.closing(self.metrics):
             while self._budget_left() and not self.stop_requested:
@@ -464,11 +498,11 @@ class Trainer:
                     self.reporter.train_step(record | self._epoch_fields())
                     window_start, window_tokens = now, 0
                 if self._should_evaluate():
-                    last_eval, evaluated_at = self.evaluate_and_save(), self.step
+                    last_eval = self.evaluate_and_save()
                     window_start = time.perf_counter()  # evaluation time is not training throughput
             if self.stop_requested:
                 self.save("ckpt-latest")
-            elif evaluated_at != self.step:
+            elif self.evaluated_at != self.step:  # (a resumed run that had finished is not evaluated again)
                 last_eval = self.evaluate_and_save()
         return TrainResult(
             out_dir=self.out_dir,
