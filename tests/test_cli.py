@@ -1,13 +1,17 @@
 """The `llmmo` command end to end, as a user runs it: train, eval, generate, info, and its errors."""
 
+import io
 import json
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from llmmo import cli
 from llmmo.config import all_keys
 from llmmo.cpu import fast_bf16
 
@@ -230,3 +234,108 @@ def test_epoch_runs_print_pytorch_example_lines(data_dir: Path, tmp_path: Path) 
     done, total, pct = map(int, lines[-1])
     assert done == total and pct == 100
     assert re.search(r"Validation Epoch: 1  val loss \d+\.\d{4}  ppl", proc.stdout)
+
+
+# ------------------------------------------------------------------------------------- bad input, in process
+
+
+def _copy(checkpoint: Path, tmp: Path, edit: Callable[[Path], None] = lambda folder: None) -> str:
+    """A copy of the checkpoint, edited."""
+    shutil.copytree(checkpoint, tmp / "copy")
+    edit(tmp / "copy")
+    return str(tmp / "copy")
+
+
+def _file(path: Path, content: bytes = b"x") -> str:
+    path.write_bytes(content)
+    return str(path)
+
+
+def _shape(folder: Path) -> None:
+    """config.json says another width than the weights have."""
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"]["n_embd"] *= 2
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def _other_tokenizer(folder: Path) -> None:
+    from llmmo.tokenizer import train_tokenizer
+
+    train_tokenizer("bpe", ["some other text entirely"], 300).save(folder / "tokenizer.json")
+
+
+BAD_INPUTS = {
+    "an option of another command": (
+        lambda c, t: ["eval", str(c), "--data.path", "x"],
+        "llmmo eval does not take --data.path",
+    ),
+    "export onto its own input": (
+        lambda c, t: ["export", _copy(c, t), str(t / "copy"), "--overwrite"],
+        "holds the folder being converted",
+    ),
+    "export into an unwritable place": (lambda c, t: ["export", str(c), "/proc/llmmo/hf"], "give a path whose folder"),
+    "import of an llmmo checkpoint": (
+        lambda c, t: ["import", str(c), str(t / "out")],
+        "is an llmmo checkpoint already",
+    ),
+    "a tokenizer over an existing file": (
+        lambda c, t: ["tokenizer", "train", "--out", _file(t / "tok.json")],
+        "exists; choose another path, or pass --overwrite",
+    ),
+    "a tokenizer into a folder": (lambda c, t: ["tokenizer", "train", "--out", str(t)], "is a folder; give the file"),
+    "a run folder that is a file": (
+        lambda c, t: ["train", "--train.out_dir", _file(t / "f")],
+        "--train.out_dir '.*' is a file",
+    ),
+    "a recipe that is a folder": (lambda c, t: ["train", "--config", str(t)], "is a folder; pass a YAML recipe"),
+    "a recipe that is not UTF-8": (
+        lambda c, t: ["train", "--config", _file(t / "r.yaml", b"model: \xff\xfe\n")],
+        "is not UTF-8 text",
+    ),
+    "a checkpoint that is a file": (lambda c, t: ["info", str(c / "config.json")], "is a file; pass a checkpoint"),
+    "a config.json that is a list": (
+        lambda c, t: ["info", _copy(c, t, lambda f: (f / "config.json").write_text("[]"))],
+        "is not a JSON object",
+    ),
+    "another model's tokenizer": (
+        lambda c, t: ["eval", _copy(c, t, _other_tokenizer), "--max-batches", "1"],
+        "is not this checkpoint's tokenizer",
+    ),
+    "weights of another shape": (
+        lambda c, t: ["info", _copy(c, t, _shape)],
+        r"do not fit its config.json \(size mismatch for .*; the folder mixes files",
+    ),
+    "a NaN temperature": (
+        lambda c, t: ["generate", str(c), "--prompt", "x", "--temperature", "nan"],
+        "temperature must be >= 0 and finite",
+    ),
+    "a seed past 64 bits": (
+        lambda c, t: ["generate", str(c), "--prompt", "x", "--seed", str(2**80)],
+        "seed must be a 64-bit integer",
+    ),
+    "an empty task file": (
+        lambda c, t: ["eval", str(c), "--task", "exact", "--file", _file(t / "empty.jsonl", b"")],
+        "holds no examples",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_naming_the_fix(case: str, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    args, message = BAD_INPUTS[case]
+    code = cli.main(args(checkpoint, tmp_path))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("llmmo: error: "), lines
+    assert re.search(message, lines[0]), lines[0]
+    assert (checkpoint / "model.safetensors").is_file()  # the good checkpoint is untouched
+
+
+def test_debug_before_the_command_counts() -> None:
+    assert cli.build_parser().parse_known_args(["--debug", "info", "x"])[0].debug is True
+    assert cli.build_parser().parse_known_args(["info", "x"])[0].debug is False
+
+
+def test_classify_names_standard_input_that_is_not_utf8(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"good text\n\xff\xfe bad\n")))
+    assert cli.main(["classify", "no/checkpoint/needed"]) == 2
+    assert "standard input is not UTF-8 text (byte 10)" in capsys.readouterr().err

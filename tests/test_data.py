@@ -225,7 +225,7 @@ def test_the_token_cache_is_reused_and_keyed_by_text_and_tokenizer(tmp_path: Pat
     assert copied.tokenizer.decode(copied.splits["train"].tokens).startswith("CHANGED text")
 
 
-def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path):
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path, cache: Path):
     path = write(tmp_path / "t.txt", "some text to cache " * 20)
     cfg = DataConfig(path=str(path), block_size=8)
     first = prepare_data(cfg)
@@ -233,6 +233,12 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path):
     first.splits["train"].path.write_bytes(b"\0\0")  # truncated
     again = prepare_data(cfg)
     assert np.array_equal(np.array(again.splits["train"].tokens), expected)
+    bin_path = again.splits["train"].path
+    bin_path.write_bytes(b"\xff" * bin_path.stat().st_size)  # overwritten: ids the tokenizer does not have
+    (cache_file,) = (cache / "tokenizers").glob("*.json")
+    cache_file.write_text("{not json")
+    rebuilt = prepare_data(cfg)
+    assert np.array_equal(np.array(rebuilt.splits["train"].tokens), expected)
 
 
 def test_tokenize_file_for_eval(tmp_path: Path):

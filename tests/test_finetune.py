@@ -3,8 +3,10 @@ metrics, and the commands (finetune, classify, chat, eval --task) on slices of t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,10 @@ def test_chat_session_drops_the_oldest_turns_to_fit_and_keeps_the_system_message
     assert tokenizer.decode(ids).startswith("<|system|>xyz.<|end|>")  # the system message stays
     session.reset()
     assert session.history == [] and session.dropped == 0
+    with pytest.raises(DataError, match="not in this char tokenizer's vocabulary"):
+        "".join(session.send("ABC"))  # characters a char model cannot read
+    assert session.history == []  # the refused message did not join the conversation
+    assert "".join(session.send("abc")) is not None and len(session.history) == 2
     with pytest.raises(ConfigError, match="not instruction-tuned"):
         ChatSession(model, char_tokenizer(["abc"]), GenerationConfig())
 
@@ -355,6 +361,14 @@ def test_a_step_weighs_every_target_alike_however_its_batch_is_split(sft_run: di
     assert record["grad_norm"] == pytest.approx(gradient_norm.item(), rel=1e-5)
 
 
+def test_a_fine_tune_into_an_existing_run_is_refused_without_offering_resume(sft_run: dict[str, Path]) -> None:
+    cfg = finetune_defaults()
+    cfg.train.out_dir = str(sft_run["root"] / "run")
+    ft = FinetuneConfig("sft", str(sft_run["root"] / "train.jsonl"), prompt_field="question", response_field="answer")
+    with pytest.raises(ConfigError, match="already holds a run; choose another --train.out_dir$"):
+        SFTTuner(cfg, ft, sft_run["root"] / "base")
+
+
 def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path], tmp_path: Path, capsys) -> None:
     base = sft_run["root"] / "base"
     cfg = finetune_defaults()
@@ -386,6 +400,13 @@ def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path
     torch.testing.assert_close(merged.model(x)[0], expected, rtol=0, atol=1e-5)
     capsys.readouterr()
     assert cli.main(["chat", str(adapter), "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    # the adapter's folder stands for the merged model where a full checkpoint is needed: compressed, fine-tuned
+    assert cli.main(["compress", "quantize", str(adapter), str(tmp_path / "int8"), "--scheme", "int8"]) == 0
+    assert load_checkpoint(tmp_path / "int8").meta["compression"][0]["method"] == "quantize"
+    cfg.train.out_dir = str(tmp_path / "again")
+    again = SFTTuner(cfg, dataclasses.replace(ft, lora=None), adapter)
+    assert all(p.requires_grad for p in again.model.parameters())
+    assert math.isfinite(again.train_step()["train_loss"])
 
 
 def test_exported_chat_model_has_the_template(sft_run: dict[str, Path], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ fit -> plot -> plan, resuming without repeating a run."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,68 @@ def test_a_tiny_sweep_fits_plots_and_plans(data_dir: Path, tmp_path: Path, capsy
     assert plan["tokens"] == pytest.approx(1e10 / (6 * plan["params_nonembedding"]))
     assert plan["hours"] > 0 and plan["loss_interval_90"][0] <= plan["loss_interval_90"][1]
     assert cli.main(["scale", "plan", str(out), "--target-loss", "0.01", "--bootstrap", "5"]) == 2  # below E
+
+
+def write_ledger(path: Path, sizes: list[float], budgets: list[float], repeats: int = 1) -> Path:
+    """A ledger as a sweep writes it, its losses from the known law: one row per (budget, size, repeat)."""
+    rows = [
+        {"run": f"c{c:g}-n{n:g}-{i}", "budget": c, "params_nonembedding": n, "tokens": c / (6 * n), "flops": c,
+         "val_loss": float(law(n, c / (6 * n))) * (1 + 0.001 * i), "tok_per_s": 1e9 / n}
+        for c in budgets for n in sizes for i in range(repeats)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--sizes", "a,b", "--sizes takes auto or comma-separated depths like 1,2,3; got 'a,b'"),
+        ("--sizes", "0", "--sizes: a depth must be positive"),
+        ("--tokens-per-param", "-1", "--tokens-per-param must be a positive number"),
+        ("--budgets", "", "--budgets is empty"),
+        ("--budgets", "1e9,-5", "--budgets must be positive numbers of training FLOPs (e.g. 1e12), got -5.0"),
+    ],
+)
+def test_sweep_options_are_checked_before_any_run(
+    option: str, value: str, message: str, tmp_path: Path, capsys
+) -> None:
+    args = {"--budgets": "1e9", "--sizes": "1,2", "--tokens-per-param": "20"} | {option: value}
+    assert cli.main(["scale", "sweep", *(x for kv in args.items() for x in kv), "--out", str(tmp_path / "s")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", [["fit"], ["plan", "--flops", "1e20"]])
+def test_a_ledger_row_without_a_field_is_named(command: list[str], tmp_path: Path, capsys) -> None:
+    ledger = write_ledger(tmp_path / "ledger.jsonl", [1e6, 1e7, 1e8], [1e17, 1e18])
+    lines = ledger.read_text().splitlines()
+    row = json.loads(lines[1])
+    del row["budget"]
+    ledger.write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+    assert cli.main(["scale", *command, str(ledger), "--bootstrap", "0"]) == 2
+    assert f"row 2 of {ledger} lacks field 'budget': it is not a sweep ledger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flops", ["-1", "0", "inf"])
+def test_plan_needs_a_positive_budget(flops: str, tmp_path: Path, capsys) -> None:
+    ledger = write_ledger(tmp_path / "ledger.jsonl", [1e6, 1e7, 1e8], [1e17, 1e18])
+    assert cli.main(["scale", "plan", str(ledger), f"--flops={flops}", "--bootstrap", "0"]) == 2
+    assert "--flops must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sizes, budgets, repeats",
+    [([1e7], [1e18], 6), ([1e7], [1e17, 1e18, 1e19, 1e20, 1e21], 1), ([1e6, 1e7, 1e8, 1e9, 1e10], [1e18], 1)],
+)
+def test_a_fit_refuses_a_ledger_of_one_size_or_one_budget(
+    sizes: list[float], budgets: list[float], repeats: int, tmp_path: Path, capsys
+) -> None:
+    ledger = write_ledger(tmp_path / "ledger.jsonl", sizes, budgets, repeats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RankWarning included: none is printed
+        assert cli.main(["scale", "fit", str(ledger), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "needs runs of at least 2 sizes and 2 budgets" in err and "sweep more --sizes and --budgets" in err
+    assert f"{len(sizes)} size(s) and {len(budgets)} budget(s)" in err
+    assert not (tmp_path / "fit.json").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmmo import cli
 from llmmo.checkpoint import save_checkpoint
 from llmmo.config import DataConfig, ModelConfig, resolve_model
 from llmmo.finetune.chat import add_chat_tokens, encode_chat
@@ -145,6 +146,63 @@ def test_bad_requests_get_openai_errors(server: str, path: str, body: dict, stat
     assert error["message"] and error["type"]
     if param:
         assert error["param"].startswith(param)
+
+
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "How many?"}], "max_tokens": 2}
+COMPLETION = {"model": "tiny-chat", "prompt": "Tom", "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/completions", COMPLETION | {"stop": 5}, 422, "stop: must be a string or a list of strings"),
+        ("/v1/completions", COMPLETION | {"stop": ["a", 5]}, 422, "stop: must be a string or a list of strings"),
+        ("/v1/completions", COMPLETION | {"logprobs": 1}, 400, "logprobs: not supported by this server"),
+        ("/v1/completions", COMPLETION | {"echo": True}, 400, "echo: not supported by this server"),
+        ("/v1/completions", COMPLETION | {"best_of": 2}, 400, "best_of: not supported by this server"),
+        ("/v1/chat/completions", CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+         "tools: not supported by this server"),
+        ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_object"}}, 400,
+         "response_format: not supported by this server"),
+        ("/v1/chat/completions", CHAT | {"logprobs": True}, 400, "logprobs: not supported by this server"),
+        ("/v1/chat/completions", CHAT | {"top_logprobs": 2}, 400, "top_logprobs: not supported by this server"),
+        # the values that ask for none of it are fine
+        ("/v1/completions", COMPLETION | {"logprobs": None, "echo": False, "best_of": 1}, 200, None),
+        ("/v1/chat/completions", CHAT | {"tools": None, "response_format": {"type": "text"}, "logprobs": False,
+         "top_logprobs": None}, 200, None),
+    ],
+)  # fmt: skip
+def test_mistyped_and_unsupported_fields_are_named(
+    server: str, path: str, body: dict, status: int, message: str | None
+) -> None:
+    response = httpx.post(f"{server}{path}", json=body, headers=auth(), timeout=30)
+    assert response.status_code == status, response.text
+    if message:
+        error = response.json()["error"]
+        assert error["message"].startswith(message) and error["param"] == message.split(":")[0]
+
+
+@pytest.mark.parametrize("port", ["99999", "65536"])
+def test_a_port_out_of_range_is_a_usage_error(chat_checkpoint: Path, port: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["serve", str(chat_checkpoint), "--port", port])
+    assert exit.value.code == 2
+    assert f"argument --port: must be 0-65535 (0: any free port), got {port}" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_named(chat_checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "llmmo", "serve", str(chat_checkpoint), "--port", str(port)]
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"llmmo: error: port {port} on 127.0.0.1 is already in use (another server?); choose another --port "
+        "(--port 0 takes any free one)"
+    )
 
 
 def test_malformed_json_and_missing_key(server: str) -> None:

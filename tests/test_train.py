@@ -294,6 +294,8 @@ def test_resume_refuses_a_different_run(data_dir: Path, tmp_path: Path) -> None:
     assert faster.optimizer.state  # and the saved moments came back
     extended = Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.max_steps": 4}))).run()
     assert extended.step == 4  # budgets may change
+    with pytest.raises(ConfigError, match="is at step 4, past this budget's 3 steps; raise --train.max_steps"):
+        Trainer(load_config(overrides=tiny(out, **{"train.resume": True, "train.max_steps": 3})))
     state = out / "ckpt-latest" / "trainer_state.json"
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "tokens"}))
     with pytest.raises(CheckpointError, match="trainer state .* is damaged"):
@@ -358,3 +360,15 @@ def test_resume_refuses_a_changed_corpus(tmp_path: Path) -> None:
     text.write_text(text.read_text() + "and the dog sleeps on\n" * 50)
     with pytest.raises(ConfigError, match="the corpus changed"):
         Trainer(load_config(overrides=tiny(tmp_path / "r", **run, **{"train.resume": True})))
+
+
+def test_a_diverging_run_stops_before_saving_non_finite_weights(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 10, "train.eval_every": 10}))).run()
+    before = load_checkpoint(out / "ckpt-latest").model.state_dict()
+    diverging = tiny(out, **{"train.max_steps": 20, "train.eval_every": 1, "train.resume": True, "train.lr": 1e30})
+    with pytest.raises(ConfigError, match=r"training diverged (at|by) step 1\d: .* Lower --train.lr"):
+        Trainer(load_config(overrides=diverging | {"train.min_lr": 1e29})).run()
+    after = load_checkpoint(out / "ckpt-latest").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(math.isfinite(json.loads(line).get("train_loss", 0)) for line in (out / "metrics.jsonl").open())

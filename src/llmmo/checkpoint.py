@@ -48,6 +48,7 @@ class Checkpoint:
     trainer_state: dict[str, Any] | None = None  # JSON state + tensors, training checkpoints only
     task: dict[str, Any] | None = None  # a fine-tuned task's description (config.json "task"), e.g. its labels
     head: dict[str, torch.Tensor] | None = None  # that task's head weights (head.safetensors)
+    path: Path | None = None  # the folder it was loaded from (None: made in memory)
 
 
 def save_checkpoint(
@@ -107,6 +108,8 @@ def save_checkpoint(
 def read_config(path: str | Path) -> dict[str, Any]:
     """config.json of a checkpoint folder, with its format checked."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"'{path}' is a file; pass a checkpoint folder (e.g. runs/NAME/ckpt-best)")
     if not path.is_dir():
         if previous_folder(path).is_dir():
             raise CheckpointError(
@@ -127,7 +130,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"'{path / 'config.json'}' is corrupt ({e}); use another checkpoint") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"'{path / 'config.json'}' is not a JSON object, so not a checkpoint's; use another checkpoint"
+        )
+    version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint '{path}' has format_version {version!r}, this llmmo ({__version__}) reads "
@@ -163,6 +170,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
             f"'{path / 'config.json'}' does not describe a model ({e}); use another checkpoint"
         ) from None
     tokenizer = Tokenizer.load(path / "tokenizer.json")
+    if tokenizer.vocab_size > model_cfg.vocab_size:  # ids the model has no rows for
+        raise CheckpointError(
+            f"'{path / 'tokenizer.json'}' has {tokenizer.vocab_size:,} tokens but the model {model_cfg.vocab_size:,}: "
+            "it is not this checkpoint's tokenizer; put back the tokenizer.json the model was trained with"
+        )
     model = Transformer(model_cfg)
     tensors = load_tensors(path / "model.safetensors")
     compression = meta.get("compression") or []
@@ -178,7 +190,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         # quantized tensors replace the float parameters they stand for (assign), as they are stored
         model.load_state_dict(tensors, strict=True, assign=bool(compression))
     except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"weights in '{path}' do not fit its config.json: {str(e).splitlines()[0]}") from None
+        # load_state_dict's first line is a header; the next ones name the tensors that differ
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3]) or str(e)
+        raise CheckpointError(
+            f"weights in '{path}' do not fit its config.json ({detail}); the folder mixes files of different "
+            "models: use a checkpoint folder as llmmo wrote it"
+        ) from None
     if model_cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     model.to(device).eval()
@@ -189,8 +206,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         try:
             state_json = json.loads((path / "trainer_state.json").read_text())
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"'{path / 'trainer_state.json'}' is corrupt ({e})") from None
+            raise CheckpointError(
+                f"'{path / 'trainer_state.json'}' is corrupt ({e}); resume from a copy of ckpt-best instead, or start "
+                "a new run"
+            ) from None
         state = {"json": state_json, "tensors": load_tensors(path / "trainer_state.safetensors")}
     task = meta.get("task")
     head = load_tensors(path / "head.safetensors") if task and (path / "head.safetensors").is_file() else None
-    return Checkpoint(model, tokenizer, data_cfg, meta=meta, trainer_state=state, task=task, head=head)
+    return Checkpoint(model, tokenizer, data_cfg, meta=meta, trainer_state=state, task=task, head=head, path=path)

@@ -55,7 +55,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _reject_unknown(unknown: list[str]) -> None:
+def _reject_unknown(unknown: list[str], command: str) -> None:
     """argparse's message for unknown options does not suggest; ours does (did you mean)."""
     import difflib
 
@@ -65,6 +65,8 @@ def _reject_unknown(unknown: list[str]) -> None:
     name = flags[0][2:].split("=")[0]
     if "." in name and name not in all_keys():
         raise unknown_key(name)  # config.py words the did-you-mean for config keys
+    if name in all_keys() or name == "config":  # a real option of other commands
+        raise ConfigError(f"llmmo {command} does not take --{name} (see llmmo {command} --help)")
     close = difflib.get_close_matches(name, [k for k in all_keys()] + ["config", "debug"], n=1)
     hint = f"; did you mean --{close[0]}?" if close else "; see --help"
     raise ConfigError(f"unknown option {flags[0]}{hint}")
@@ -215,20 +217,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_task(args: argparse.Namespace, ckpt: Any) -> int:
-    from llmmo.finetune.tasks import run_task, write_examples
+    from llmmo.finetune.tasks import TaskFile, run_task, write_examples
 
     if not args.file:
         raise ConfigError(f"--task {args.task} scores a task file: pass it with --file FILE")
-    result = run_task(
-        ckpt,
-        args.task,
-        args.file,
-        sampling_from_args(args),
-        args.limit,
-        args.batch_size,
-        args.prompt_field or "",
-        args.reference_field or "",
-    )
+    fields = (args.prompt_field or "", args.reference_field or "")
+    file = TaskFile(Path(args.file), *fields, args.limit, args.encoding, args.skip_bad_rows)
+    result = run_task(ckpt, args.task, file, sampling_from_args(args), args.batch_size)
     if args.examples:
         write_examples(result, args.examples)
     print(json.dumps({"checkpoint": str(args.checkpoint), "task": args.task, "file": args.file} | result.scores))
@@ -332,11 +327,13 @@ def _refuse_existing(out: str) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
     from llmmo.compress import recover, save_compressed
+    from llmmo.finetune.lora import merge_lora
 
     _refuse_existing(args.out)
     if getattr(args, "recover_lr", 1.0) <= 0:
         raise ConfigError(f"--recover-lr must be positive, got {args.recover_lr}")
     ckpt = load_checkpoint(args.checkpoint)
+    merge_lora(ckpt.model)  # a LoRA fine-tune's folder: the model its adapters stand for (a plain one is kept)
     if any(r["method"] == "quantize" for r in ckpt.meta.get("compression", [])):
         raise ConfigError(
             f"'{args.checkpoint}' is quantized already; quantize last: prune, factorize or distill the float "
@@ -419,16 +416,15 @@ def _floats(text: str) -> list[float]:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from llmmo.scaling.analysis import analyse, plan, plot
-    from llmmo.scaling.sweep import SweepConfig, plan_runs, read_ledger, sweep
+    from llmmo.scaling.sweep import SweepConfig, parse_sizes, plan_runs, read_ledger, sweep
 
     if args.action == "sweep":
         from tqdm import tqdm
 
         cfg = _config_from_args(args, ("model", "data", "train"))
-        depths = [] if args.sizes == "auto" else [int(x) for x in args.sizes.split(",")]
         config = SweepConfig(
             _floats(args.budgets),
-            depths=depths,
+            depths=parse_sizes(args.sizes),
             points=args.points,
             min_steps=args.min_steps,
             tokens_per_param=args.tokens_per_param,
@@ -487,9 +483,14 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from llmmo.config import resolve_config
     from llmmo.data import fit_tokenizer
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; give the file to write (e.g. {out / 'tokenizer.json'})")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out '{out}' exists; choose another path, or pass --overwrite to replace it")
     cfg = resolve_config(_config_from_args(args, ("data",)))
     tokenizer = fit_tokenizer(cfg.data)
-    tokenizer.save(args.out)
+    tokenizer.save(out)
     print(f"{tokenizer!r} trained on {cfg.data.path or cfg.data.source} [{cfg.data.train_split}] -> {args.out}")
     return 0
 
@@ -560,11 +561,12 @@ def at_least(low: int) -> typing.Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug = "show the traceback of internal errors"
+    parser = Parser(prog="llmmo", description="Train, evaluate and sample Transformer LMs.", allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true", help=debug)
+    # each command takes it too, defaulting to SUPPRESS so that it leaves `llmmo --debug CMD`'s value alone
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
-    parser = Parser(
-        prog="llmmo", description="Train, evaluate and sample Transformer LMs.", parents=[common], allow_abbrev=False
-    )
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -609,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="field of the reference (default: answer for gsm8k, label for classify, else response)",
     )
     t.add_argument("--examples", metavar="FILE", help="write each example, reply and score to this JSONL file")
+    t.add_argument("--encoding", default="utf-8", help="of the task file (default: utf-8)")
+    t.add_argument("--skip-bad-rows", action="store_true", help="leave out rows that cannot be read (each is named)")
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_eval)
 
@@ -756,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", parents=[common], allow_abbrev=False, help="train a tokenizer on a corpus")
     _add_config_options(t, ("data",))
     t.add_argument("--out", required=True, help="where to write tokenizer.json")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("data", parents=[common], help="data tools")
@@ -809,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         if unknown:
-            _reject_unknown(unknown)
+            _reject_unknown(unknown, args.command)
         return args.func(args)
     except LlmmoError as e:
         print(f"llmmo: error: {e}", file=sys.stderr)
@@ -820,6 +825,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`llmmo generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a path that cannot be read or written: a missing folder, a file in a folder's place
+        if args.debug:
+            raise
+        where = f": '{e.filename}'" if e.filename else ""
+        print(
+            f"llmmo: error: {e.strerror or e}{where}; give a path whose folder exists and that you can write "
+            "(or read, for inputs)",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as e:
         if args.debug:
             raise

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from llmmo.errors import ConfigError, LlmmoError
+from llmmo.errors import ConfigError, DataError, LlmmoError
 
 
 def _lora_config(args: argparse.Namespace):
@@ -62,7 +62,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from llmmo.finetune.predict import TextClassifier
     from llmmo.train import pick_device
 
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = args.text or [line for line in _stdin_text().splitlines() if line.strip()]
     if not texts:
         raise ConfigError("no text to classify; pass texts as arguments or one per line on stdin")
     classifier = TextClassifier.load(args.checkpoint, device=pick_device(args.device))
@@ -73,6 +73,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
             probs = "  ".join(f"{name} {value:.3f}" for name, value in p.probabilities.items())
             print(f"{p.label}\t{probs}\t{text}")
     return 0
+
+
+def _stdin_text() -> str:
+    """Standard input decoded as UTF-8 (Python's own decoding may let undecodable bytes through as surrogates)."""
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"standard input is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
 
 
 HELP_LINE = "/reset starts over, /system TEXT sets the system message, /exit (or Ctrl-D) quits"
@@ -143,9 +152,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from llmmo.serve.app import ServeConfig, create_app
+        from llmmo.serve.app import ServeConfig, create_app, listen, serve
     except ImportError as e:
         raise ConfigError(
             f"llmmo serve needs the serve extra ({e.name} is missing): pip install 'llmmo[serve]'"
@@ -155,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmmo.checkpoint import load_checkpoint
     from llmmo.train import pick_device
 
+    sock = listen(args.host, args.port)  # a port in use fails here, before the checkpoint loads
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device="cpu" if args.engine == "process" else device)
     path = Path(args.checkpoint).resolve()
@@ -172,9 +180,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(ckpt, cfg)
     del ckpt  # with an engine process, this process keeps the tokenizer only
-    print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{args.port}/ (chat page at /)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    port = sock.getsockname()[1]  # the one picked for --port 0
+    print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{port}/ (chat page at /)", file=sys.stderr)
+    serve(app, sock)
     return 0
+
+
+def port_number(text: str) -> int:
+    """--port: a TCP port; one out of range is a usage error (the socket calls raise OverflowError for it)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0: any free port), got {value}")
+    return value
+
+
+port_number.__name__ = "int"  # argparse names the type in its message for a non-number
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -245,7 +265,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     )  # fmt: skip
     p.add_argument("checkpoint", help="a checkpoint folder (chat needs one from `llmmo finetune sft`)")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
-    p.add_argument("--port", type=at_least(0), default=8000, help="(default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="0-65535; 0: any free port (default: 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: none)")
     p.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (default: 8)")
     p.add_argument("--max-queue", type=at_least(1), default=64, help="waiting requests; more get 429 (default: 64)")

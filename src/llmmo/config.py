@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -241,11 +242,14 @@ def load_config(
             continue
         file = Path(file)
         if not file.is_file():
-            raise ConfigError(f"config file '{file}' does not exist; see configs/ for the recipes")
+            what = "is a folder" if file.is_dir() else "does not exist"
+            raise ConfigError(f"config file '{file}' {what}; pass a YAML recipe (see configs/)")
         try:
             tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{file}' is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{file}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         config_from_dict(tree, cfg)
     for key, value in (overrides or {}).items():
         set_key(cfg, key, value)
@@ -299,6 +303,9 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
         raise ConfigError(f"rotary positions need an even head size, got model.head_dim = {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    for key in ("norm_eps", "rope_theta"):  # `not x > 0` refuses NaN too
+        if not 0.0 < getattr(m, key) < math.inf:
+            raise ConfigError(f"model.{key} must be positive and finite, got {getattr(m, key)}")
     return m
 
 
@@ -314,6 +321,8 @@ def resolve_config(cfg: Config) -> Config:
             raise ConfigError(f"{key} '{getattr(getattr(cfg, section), name)}' is not one of {list(CHOICES[key])}")
     if d.block_size <= 0:
         raise ConfigError(f"data.block_size must be positive, got {d.block_size}")
+    if d.path:  # absolute, so that a checkpoint's data config finds the text from any working folder
+        d.path = os.path.abspath(os.path.expanduser(d.path))
     if d.vocab_size == 0 and d.tokenizer != "char":
         d.vocab_size = 10000 if d.tokenizer == "word" else 4096
     if d.tokenizer == "bpe" and d.vocab_size < 257:
@@ -331,16 +340,17 @@ def resolve_config(cfg: Config) -> Config:
     for key in ("batch_size", "grad_accum", "eval_every", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
-    if t.muon_lr <= 0:
-        raise ConfigError(f"train.muon_lr must be positive, got {t.muon_lr}")
+    # written as `not (... <= ...)` so that NaN, which compares false, is refused too
+    if not (0 <= t.min_lr <= t.lr < math.inf and t.lr > 0):
+        raise ConfigError(f"need 0 <= train.min_lr <= train.lr, lr > 0 and finite, got lr={t.lr} min_lr={t.min_lr}")
+    if not 0 < t.muon_lr < math.inf:
+        raise ConfigError(f"train.muon_lr must be positive and finite, got {t.muon_lr}")
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, key) < 1.0:
             raise ConfigError(f"train.{key} must be in [0, 1) (Adam's moment decay), got {getattr(t, key)}")
     for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key} cannot be negative, got {getattr(t, key)}")
+        if not 0 <= getattr(t, key) < math.inf:
+            raise ConfigError(f"train.{key} must be 0 or more and finite, got {getattr(t, key)}")
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.matmul == "onednn" and t.compile:

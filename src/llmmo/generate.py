@@ -25,6 +25,7 @@ row fits in block_size.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -65,14 +66,19 @@ class GenerationConfig:
         """Refuse settings that cannot work, saying which and why."""
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        # each written as `not (in range)`, so that NaN (false in every comparison) is refused too
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ConfigError(
+                f"repetition_penalty must be > 0 and finite (1 turns it off), got {self.repetition_penalty}"
+            )
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            raise ConfigError(f"seed must be a 64-bit integer, in [-2^63, 2^64), got {self.seed}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop strings must be non-empty strings, got {s!r}")

@@ -85,8 +85,9 @@ class Tokenizer:
         if unknown:
             shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
             raise DataError(
-                f"characters {shown} are not in this char tokenizer's vocabulary ({len(unknown)} unknown); "
-                "train the tokenizer on text that contains them, or use --data.tokenizer bpe"
+                f"characters {shown} are not in this char tokenizer's vocabulary ({len(unknown)} unknown): a char "
+                "model reads only the characters of the text it was trained on; leave them out, or train on text "
+                "that has them (or with --data.tokenizer bpe, which reads any text)"
             )
         ids = self._char_ids
         return [ids[c] for c in text]

@@ -38,7 +38,10 @@ def fit_tokenizer(cfg: DataConfig, corpus: Corpus | None = None) -> Tokenizer:
     key = fingerprint({"text": text_key, "kind": cfg.tokenizer, "vocab_size": cfg.vocab_size})
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if path.is_file():
-        return Tokenizer.load(path)
+        try:
+            return Tokenizer.load(path)
+        except DataError:  # a damaged cache entry (it is written atomically, so by something else): trained again
+            pass
     texts = (piece for split in splits for doc in split.read() for piece in pieces(doc))
     if cfg.tokenizer == "char":  # documents are joined by this character, so it must be in the alphabet
         texts = itertools.chain(texts, [DOC_SEPARATOR])

@@ -188,7 +188,10 @@ class ChatSession:
         from llmmo.generate import stream_ids
 
         message = {"role": "user", "content": text}
-        _check([message])  # before it joins the history: a refused message leaves the conversation as it was
+        # checked before it joins the history, so that a refused message leaves the conversation as it was: chat
+        # markers typed in it, characters the tokenizer cannot read (a char model's)
+        _check([message])
+        self.tokenizer.encode(text)
         self.history.append(message)
         reply = []
         for pieces in stream_ids(self.model, self.tokenizer, [self.prompt_ids()], self.gen, self.end_id):

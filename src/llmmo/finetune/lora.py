@@ -244,4 +244,5 @@ def load_adapted(folder: str | Path, device: str | torch.device = "cpu", base: s
     head = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
     ckpt.head = head or None
     ckpt.meta = ckpt.meta | {"adapter": str(folder)}
+    ckpt.path = folder
     return ckpt

@@ -15,9 +15,11 @@ from llmmo.finetune.batches import eval_batches
 from llmmo.finetune.heads import Classifier, SpanExtractor
 
 
-def _task_of(ckpt: Checkpoint, path: str | Path, kind: str) -> dict:
-    task = ckpt.task or {}
-    if task.get("kind") != kind or not ckpt.head:
+def _task_of(ckpt: Checkpoint, kind: str) -> dict:
+    task, path = ckpt.task or {}, ckpt.path or "the checkpoint"
+    if task.get("kind") == kind and not ckpt.head:
+        raise CheckpointError(f"'{path}' is a {kind} fine-tune whose head.safetensors is missing; put it back")
+    if task.get("kind") != kind:
         have = f"a {task['kind']} fine-tune" if task.get("kind") else "no task head"
         raise CheckpointError(f"'{path}' holds {have}, not a {kind} model; fine-tune one with `llmmo finetune {kind}`")
     return task
@@ -32,8 +34,8 @@ class LabelledPrediction:
 class TextClassifier:
     """A classification checkpoint, ready to label text."""
 
-    def __init__(self, ckpt: Checkpoint, path: str | Path = "the checkpoint"):
-        task = _task_of(ckpt, path, "classify")
+    def __init__(self, ckpt: Checkpoint):
+        task = _task_of(ckpt, "classify")
         self.labels, self.max_len, self.tokenizer = task["labels"], task["max_len"], ckpt.tokenizer
         self.device = next(ckpt.model.parameters()).device
         self.model = Classifier(ckpt.model, len(self.labels), task["pooling"]).to(self.device).eval()
@@ -41,7 +43,7 @@ class TextClassifier:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TextClassifier:
-        return cls(load_checkpoint(path, device=device), path)
+        return cls(load_checkpoint(path, device=device))
 
     @torch.inference_mode()
     def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[LabelledPrediction]:
@@ -60,8 +62,8 @@ class TextClassifier:
 class QuestionAnswerer:
     """An extractive QA checkpoint: the answer span of a question in a context."""
 
-    def __init__(self, ckpt: Checkpoint, path: str | Path = "the checkpoint"):
-        task = _task_of(ckpt, path, "qa")
+    def __init__(self, ckpt: Checkpoint):
+        task = _task_of(ckpt, "qa")
         self.max_len, self.tokenizer = task["max_len"], ckpt.tokenizer
         self.device = next(ckpt.model.parameters()).device
         self.model = SpanExtractor(ckpt.model).to(self.device).eval()
@@ -69,7 +71,7 @@ class QuestionAnswerer:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> QuestionAnswerer:
-        return cls(load_checkpoint(path, device=device), path)
+        return cls(load_checkpoint(path, device=device))
 
     @torch.inference_mode()
     def answer(self, questions: Sequence[qa.Question], batch_size: int = 32) -> list[str]:

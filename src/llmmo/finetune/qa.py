@@ -94,7 +94,11 @@ def encode_training(
         inputs.append((question + context)[:max_len])
         spans.append((len(question) + inside[0], len(question) + inside[-1]))
     if not inputs:
-        raise DataError(f"no answer fits within --max-len {max_len} tokens; raise it")
+        raise DataError(
+            f"no answer of the {len(questions)} questions lies within the first {max_len} tokens of its question and "
+            "context; raise --max-len if it is below the model's block_size, else use shorter contexts or a model "
+            "with a longer context"
+        )
     return inputs, np.asarray(spans, dtype=np.int64), dropped
 
 

@@ -88,7 +88,7 @@ def read_labelled(
         first = sorted(k for k in rows[0][1] if k != "__error__")
         raise DataError(
             f"'{path}' has no '{text_field}' and '{label_field}' fields (it has {first}); name them with "
-            "--text-field and --label-field"
+            "--text-field and --label-field (llmmo eval --task: --prompt-field and --reference-field)"
         )
     kept, problems = [], []
     for number, r in rows:

@@ -43,6 +43,18 @@ class TaskResult:
 Prompt = str | list[dict[str, str]]  # a user message, or a conversation up to the reply to generate
 
 
+@dataclass(frozen=True)
+class TaskFile:
+    """Where a task's examples are and how to read them; empty field names take each task's defaults."""
+
+    path: Path
+    prompt_field: str = ""  # classify: the text's
+    reference_field: str = ""  # classify: the label's
+    limit: int = 0  # > 0: the first `limit` examples only
+    encoding: str = "utf-8"
+    skip_bad_rows: bool = False  # leave out rows that cannot be read (each is named) instead of stopping
+
+
 def _prompt_ids(ckpt: Checkpoint, prompt: Prompt) -> list[int]:
     """The prompt in the chat template when the tokenizer has one, else its last message as plain text."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -66,9 +78,17 @@ def generate_replies(ckpt: Checkpoint, prompts: list[Prompt], gen: GenerationCon
     return replies
 
 
-def _pairs(path: str | Path, prompt_field: str, reference_field: str, limit: int) -> tuple[list[Prompt], list[str]]:
+def _some(examples: list, f: TaskFile) -> list:
+    """The file's first `limit` examples; none is an error (scores of nothing would read as zeros)."""
+    if not examples:
+        raise DataError(f"task file '{f.path}' holds no examples; give a file with at least one")
+    return examples[: f.limit or None]
+
+
+def _pairs(f: TaskFile, prompt_field: str, reference_field: str) -> tuple[list[Prompt], list[str]]:
     """Each row's conversation up to its last (assistant) message, and that message: the reference."""
-    chats = read_conversations(path, prompt_field, reference_field).conversations[: limit or None]
+    fields = (f.prompt_field or prompt_field, f.reference_field or reference_field)
+    chats = _some(read_conversations(f.path, *fields, f.encoding, f.skip_bad_rows).conversations, f)
     return [c[:-1] for c in chats], [c[-1]["content"] for c in chats]
 
 
@@ -76,8 +96,8 @@ def _shown(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def _gsm8k(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
-    prompts, references = _pairs(path, prompt_field or "question", reference_field or "answer", limit)
+def _gsm8k(ckpt, f, gen, batch) -> TaskResult:
+    prompts, references = _pairs(f, "question", "answer")
     replies = generate_replies(ckpt, prompts, gen, batch)
     examples, formatted, correct = [], 0, 0
     for p, ref, reply in zip(prompts, references, replies, strict=True):
@@ -90,12 +110,12 @@ def _gsm8k(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> Task
 
 
 def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
-    def run(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+    def run(ckpt, f, gen, batch) -> TaskResult:
         try:
             import sacrebleu
         except ImportError:
             raise ConfigError("chrF and BLEU need sacrebleu: pip install 'llmmo[tasks]'") from None
-        prompts, references = _pairs(path, prompt_field or "prompt", reference_field or "response", limit)
+        prompts, references = _pairs(f, "prompt", "response")
         replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
         scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
         score = scorer(replies, [references]).score
@@ -108,8 +128,8 @@ def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
     return run
 
 
-def _exact(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
-    prompts, references = _pairs(path, prompt_field or "prompt", reference_field or "response", limit)
+def _exact(ckpt, f, gen, batch) -> TaskResult:
+    prompts, references = _pairs(f, "prompt", "response")
     replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
     hits = [r == ref.strip() for r, ref in zip(replies, references, strict=True)]
     examples = [
@@ -118,10 +138,10 @@ def _exact(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> Task
     return TaskResult("exact", {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits)}, examples)
 
 
-def _squad(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+def _squad(ckpt, f, gen, batch) -> TaskResult:
     from llmmo.finetune.predict import QuestionAnswerer
 
-    questions = qa.read_squad(path)[: limit or None]
+    questions = _some(qa.read_squad(f.path, f.encoding), f)
     if (ckpt.task or {}).get("kind") == "qa":
         predictions = QuestionAnswerer(ckpt).answer(questions, batch)
     elif has_chat_tokens(ckpt.tokenizer):
@@ -139,13 +159,14 @@ def _squad(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> Task
     return TaskResult("squad", scores, examples)
 
 
-def _classify(ckpt, path, gen, limit, batch, prompt_field, reference_field) -> TaskResult:
+def _classify(ckpt, f, gen, batch) -> TaskResult:
     from llmmo.finetune.metrics import classification_scores, confusion_matrix
     from llmmo.finetune.predict import TextClassifier
 
     classifier = TextClassifier(ckpt)
-    data = read_labelled(path, prompt_field or "text", reference_field or "label", classifier.labels)
-    texts, labels = data.texts[: limit or None], data.labels[: limit or None]
+    fields = (f.prompt_field or "text", f.reference_field or "label")
+    data = read_labelled(f.path, *fields, classifier.labels, f.encoding, f.skip_bad_rows)
+    texts, labels = _some(data.texts, f), data.labels[: f.limit or None]
     predictions = classifier.predict(texts, batch_size=max(batch, 64))
     predicted = [classifier.labels.index(p.label) for p in predictions]
     confusion = confusion_matrix(labels, predicted, len(classifier.labels))
@@ -167,22 +188,15 @@ RUNNERS: dict[str, Callable[..., TaskResult]] = {
 
 @torch.inference_mode()
 def run_task(
-    ckpt: Checkpoint,
-    task: str,
-    path: str | Path,
-    gen: GenerationConfig | None = None,
-    limit: int = 0,
-    batch_size: int = 16,
-    prompt_field: str = "",
-    reference_field: str = "",
+    ckpt: Checkpoint, task: str, file: TaskFile, gen: GenerationConfig | None = None, batch_size: int = 16
 ) -> TaskResult:
-    """Score `ckpt` on the task file at `path` (its first `limit` examples when > 0); greedy decoding by default."""
+    """Score `ckpt` on the task file; greedy decoding by default."""
     if task not in RUNNERS:
         raise ConfigError(f"unknown task '{task}'; choose one of {list(TASKS)}")
-    if not Path(path).is_file():
-        raise DataError(f"task file '{path}' does not exist")
+    if not Path(file.path).is_file():
+        raise DataError(f"task file '{file.path}' does not exist")
     gen = gen or GenerationConfig(max_new_tokens=256, temperature=0.0)
-    return RUNNERS[task](ckpt, path, gen, limit, batch_size, prompt_field, reference_field)
+    return RUNNERS[task](ckpt, file, gen, batch_size)
 
 
 def write_examples(result: TaskResult, path: str | Path) -> None:

@@ -100,6 +100,7 @@ class FineTuner(Trainer):
     """The common part of every task: the base checkpoint, LoRA, the example batches, saving."""
 
     kind = ""
+    resumable = False
 
     def __init__(self, cfg: Config, ft: FinetuneConfig, base: str | Path, reporter: Reporter | None = None):
         ft.validate()
@@ -110,7 +111,8 @@ class FineTuner(Trainer):
         ckpt = load_checkpoint(base)
         if ckpt.meta.get("compression"):
             raise ConfigError(f"'{base}' is compressed; fine-tune the checkpoint it was compressed from")
-        merge_lora(ckpt.model)  # a LoRA fine-tune as the base: its adapters folded in, a plain model again
+        # a LoRA fine-tune as the base: its adapters folded in, a plain model again, all of whose weights train
+        merge_lora(ckpt.model).requires_grad_(True)
         self.ft, self.base = ft, Path(base)
         self.skipped: list[str] = []  # "file:line: why" of the bad rows left out
         self.notes: list[str] = []  # what else was changed in the data (examples cut to max_len, ...)
@@ -250,7 +252,11 @@ class SFTTuner(FineTuner):
         ft = self.ft
         chats = read_conversations(path, ft.prompt_field, ft.response_field, ft.encoding, ft.skip_bad_rows)
         self.skipped += chats.skipped
-        x, y, cut, dropped = pack([encode_chat(self.tokenizer, c) for c in chats.conversations], self.max_len)
+        try:
+            encoded = [encode_chat(self.tokenizer, c) for c in chats.conversations]
+        except DataError as e:  # e.g. characters a char model cannot read
+            raise DataError(f"{path}: {e}") from None
+        x, y, cut, dropped = pack(encoded, self.max_len)
         if cut:
             self.notes.append(f"{cut} conversations of {path} longer than {self.max_len + 1} tokens were cut")
         if dropped:

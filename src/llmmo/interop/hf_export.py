@@ -199,8 +199,11 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, model_max_length: int)
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
-def check_out_folder(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a folder with contents unless asked to (it is replaced whole, not merged)."""
+def check_out_folder(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse to replace a folder with contents unless asked to (it is replaced whole, not merged), and never the
+    `source` folder being converted or a folder that holds it, even when asked."""
+    if source is not None and (out.resolve() == source.resolve() or out.resolve() in source.resolve().parents):
+        raise InteropError(f"'{out}' holds the folder being converted ('{source}'); write to another folder")
     if out.exists() and not out.is_dir():
         raise InteropError(f"'{out}' is a file; give a folder to write")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -219,7 +222,7 @@ def export_hf(
     """
     out = Path(out)
     limit = parse_size(max_shard_size)
-    check_out_folder(out, overwrite)
+    check_out_folder(out, overwrite, None if isinstance(checkpoint, Checkpoint) else Path(checkpoint))
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if any(r["method"] in ("quantize", "lowrank") for r in ckpt.meta.get("compression", [])):
         from llmmo.compress import densify

@@ -53,6 +53,12 @@ def read_hf_config(folder: Path) -> Any:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InteropError(f"'{path}' is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise InteropError(f"'{path}' is not a JSON object; pass a folder written by transformers' save_pretrained()")
+    if "llmmo_version" in raw:
+        raise InteropError(
+            f"'{folder}' is an llmmo checkpoint already: use it as it is (`llmmo export` writes it for transformers)"
+        )
     model_type = raw.get("model_type")
     if model_type not in CLASSES:
         fix = "llmmo imports gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) and qwen3 (Qwen3ForCausalLM)"
@@ -201,7 +207,7 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False, orig
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise InteropError(f"'{folder}' is not a folder; pass a transformers model folder, or --from-hub NAME")
-    check_out_folder(out, overwrite)
+    check_out_folder(out, overwrite, folder)
     hf_config = read_hf_config(folder)
     cfg = model_config_from_hf(hf_config, folder)
     tokenizer = _read_tokenizer(folder, cfg.vocab_size)

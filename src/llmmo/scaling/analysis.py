@@ -33,6 +33,16 @@ def analyse(rows: list[dict[str, Any]], fit_budgets: list[float] | None = None, 
         raise ConfigError(f"--fit-budgets {fit_budgets}: the ledger's budgets are {budgets}")
     fitted = [r for r in rows if r["budget"] in chosen]
     held_out = [r for r in rows if r["budget"] not in chosen]
+    sizes = len({r["params_nonembedding"] for r in fitted})
+    if sizes < 2 or len(chosen) < 2:
+        # one size leaves A and alpha free; one budget puts every run on D = C / (6 N), where the N and D terms
+        # trade off against each other: either way the law fits anything, and predicts nothing
+        more = " (or name more of them in --fit-budgets)" if fit_budgets else ""
+        raise ConfigError(
+            f"fitting L(N, D) = E + A/N^alpha + B/D^beta needs runs of at least 2 sizes and 2 budgets (and 5 runs "
+            f"in all, for its 5 parameters); the runs fitted have {sizes} size(s) and {len(chosen)} budget(s): "
+            f"sweep more --sizes and --budgets{more}"
+        )
     n, d, loss, flops = _columns(fitted)
     law = fit_law(n, d, loss, bootstrap=bootstrap)
     try:
@@ -76,6 +86,9 @@ def plan(
     law = law_from(analysis)
     if (flops is None) == (target_loss is None):
         raise ConfigError("plan needs exactly one of --flops C or --target-loss L")
+    for name, value, example in (("--flops", flops, "1e20"), ("--target-loss", target_loss, "3.0")):
+        if value is not None and not (math.isfinite(value) and value > 0):  # the law's powers of it turn complex
+            raise ConfigError(f"{name} must be a positive number (e.g. {name} {example}), got {value}")
     if target_loss is not None:
         if target_loss <= law.E:
             raise ConfigError(

@@ -121,8 +121,12 @@ def grid_starts(n: np.ndarray, d: np.ndarray, loss: np.ndarray, keep: int = 8) -
 def fit_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray, bootstrap: int = 100, seed: int = 0) -> LawFit:
     """Approach 3 on runs (N, D, final loss); `bootstrap` refits on resampled runs for the intervals."""
     n, d, loss = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
-    if len(n) < 5:
-        raise ConfigError(f"fitting 5 parameters needs at least 5 runs; the ledger has {len(n)}")
+    points = len(set(zip(n.tolist(), d.tolist(), strict=True)))  # a run repeated adds no equation
+    if points < 5:
+        raise ConfigError(
+            f"fitting 5 parameters needs at least 5 runs of distinct sizes or token counts; the ledger has {points} "
+            f"({len(n)} runs): sweep more --sizes or --budgets"
+        )
     log = [torch.from_numpy(np.log(v)) for v in (n, d, loss)]
     params, _ = _fit_once(*log, grid_starts(n, d, loss))
     a, b, e, alpha, beta = params.tolist()
@@ -169,8 +173,8 @@ def fit_isoflops(flops: np.ndarray, n: np.ndarray, loss: np.ndarray, budgets: li
     n_opt, loss_opt, used = [], [], []
     for c in budgets:
         mine = np.abs(flops / c - 1) < 0.1
-        if mine.sum() < 3:
-            continue  # a parabola needs three sizes
+        if len(np.unique(n[mine])) < 3:
+            continue  # a parabola needs three sizes (three runs of two would be fitted poorly, with a RankWarning)
         x = np.log(n[mine])
         k2, k1, k0 = np.polyfit(x, loss[mine], 2)
         if k2 <= 0:  # no minimum: the budget's sizes do not bracket the optimum

@@ -43,6 +43,31 @@ class SweepConfig:
     min_steps: int = 20  # a run shorter than this many optimizer steps is left out (too short to mean much)
     tokens_per_param: float = TOKENS_PER_PARAM  # auto: sizes are centred where D / N is this
 
+    def __post_init__(self) -> None:
+        # said here: plan_runs would read an empty or negative list as "no run reaches min_steps"
+        if not self.budgets:
+            raise ConfigError("--budgets is empty; give training FLOPs per run, comma-separated (e.g. 1e12,3e12)")
+        bad = [b for b in self.budgets if not (math.isfinite(b) and b > 0)]
+        if bad:
+            raise ConfigError(f"--budgets must be positive numbers of training FLOPs (e.g. 1e12), got {bad[0]}")
+        if any(d < 1 for d in self.depths):
+            raise ConfigError(f"--sizes: a depth must be positive (1 layer or more), got {min(self.depths)}")
+        if not (math.isfinite(self.tokens_per_param) and self.tokens_per_param > 0):
+            raise ConfigError(f"--tokens-per-param must be a positive number (e.g. 20), got {self.tokens_per_param}")
+
+
+def parse_sizes(text: str) -> list[int]:
+    """--sizes: 'auto' (an empty list) or comma-separated depths of the depth dial."""
+    if text.strip() == "auto":
+        return []
+    try:
+        depths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes takes auto or comma-separated depths like 1,2,3; got {text!r}") from None
+    if not depths:
+        raise ConfigError("--sizes is empty; give depths like 1,2,3, or auto")
+    return depths
+
 
 def _model_at(base: Config, depth: int) -> Any:
     return resolve_model(dataclasses.replace(base.model, depth=depth, n_kv_head=None, mlp_hidden=0, head_dim=0))
@@ -102,19 +127,39 @@ def plan_runs(base: Config, sweep: SweepConfig) -> list[dict[str, Any]]:
     return runs
 
 
+LEDGER_FIELDS = ("budget", "params_nonembedding", "tokens", "flops", "val_loss", "tok_per_s")  # what a fit reads
+
+
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:
-    """The runs recorded in a ledger.jsonl (or its sweep folder); a line cut short by a crash is skipped."""
+    """The runs recorded in a ledger.jsonl (or its sweep folder); a line cut short by a crash is skipped. A row
+    without the fields of a sweep's runs is refused, naming its line."""
     path = Path(path)
     path = path / "ledger.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"no ledger at '{path}'; run `llmmo scale sweep` first, or pass its folder")
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        rows.append(_checked(row, number, path))
     return rows
+
+
+def _checked(row: Any, number: int, path: Path) -> dict[str, Any]:
+    """The row on line `number`, if it has what a fit reads (the run's name and its numbers)."""
+    where = f"row {number} of {path}"
+    fix = "it is not a sweep ledger; pass the ledger.jsonl that `llmmo scale sweep` wrote"
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where} is not a JSON object: {fix}")
+    missing = [k for k in ("run", *LEDGER_FIELDS) if k not in row]
+    if missing:
+        raise ConfigError(f"{where} lacks field '{missing[0]}': {fix}")
+    bad = [k for k in LEDGER_FIELDS if isinstance(row[k], bool) or not isinstance(row[k], int | float)]
+    if bad:
+        raise ConfigError(f"{where}: field '{bad[0]}' is {row[bad[0]]!r}, not a number; correct the row")
+    return row
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:

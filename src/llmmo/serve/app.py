@@ -9,16 +9,19 @@
     GET  /openapi.json           the schema of all of the above
 
 Every error is OpenAI's JSON body ({"error": {"message", "type", "param", "code"}}) with its status: 400
-malformed body or unusable input, 401 bad API key, 404 unknown model, 413 prompt longer than the context, 422
-a field of the wrong type or out of range, 429 queue full, 503 shutting down, 504 nothing generated before the
-request's timeout. A stream that fails after it started ends with an error event, then [DONE].
+malformed body, unusable input or a feature of OpenAI's API that llmmo lacks (logprobs, tools, ...), 401 bad API
+key, 404 unknown model, 413 prompt longer than the context, 422 a field of the wrong type or out of range, 429
+queue full, 503 shutting down, 504 nothing generated before the request's timeout. A stream that fails after it
+started ends with an error event, then [DONE].
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -33,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmmo.checkpoint import Checkpoint
-from llmmo.errors import LlmmoError
+from llmmo.errors import ConfigError, LlmmoError
 from llmmo.finetune.chat import END, MARKERS, encode_chat, has_chat_tokens
 from llmmo.generate import GenerationConfig
 from llmmo.serve import schemas
@@ -78,7 +82,7 @@ class APIError(Exception):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorBody, "description": text}
     for status, text in {
-        400: "Malformed body or unusable input",
+        400: "Malformed body, unusable input, or a feature this server does not implement",
         401: "Missing or wrong API key",
         404: "Unknown model",
         413: "Prompt longer than the model's context",
@@ -167,7 +171,9 @@ def create_app(ckpt: Checkpoint, cfg: ServeConfig) -> FastAPI:
         if first.get("type") == "json_invalid":
             return _error_response(APIError(400, f"the body is not valid JSON: {first.get('msg')}"))
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return _error_response(APIError(422, f"{param or 'body'}: {first.get('msg')}", param=param))
+        # a feature this server lacks is not a value out of range: 400, as OpenAI answers one it does not offer
+        status = 400 if first.get("type") == schemas.UNSUPPORTED else 422
+        return _error_response(APIError(status, f"{param or 'body'}: {first.get('msg')}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -452,3 +458,33 @@ async def _cancel_when_gone(http: Request, request: EngineRequest) -> None:
             request.cancel()
             return
         await asyncio.sleep(0.25)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the checkpoint loads: a port in use is then an llmmo error at once, where
+    uvicorn would load everything first and exit 3 with a message of its own. `serve` hands it to uvicorn, so no
+    other program can take the port in between."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # the family uvicorn would pick
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # an unknown --host too (socket.gaierror)
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is already in use (another server?); choose another --port "
+                "(--port 0 takes any free one)"
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --host or --port") from None
+    return sock
+
+
+def serve(app: FastAPI, sock: socket.socket) -> None:
+    """Run `app` on the socket of `listen` until Ctrl-C or SIGTERM (what uvicorn.run does for a host and port)."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # re-raised by uvicorn after its graceful shutdown; nothing is left to do
+        pass
+    finally:
+        sock.close()

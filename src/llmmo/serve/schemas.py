@@ -1,14 +1,18 @@
 """The OpenAI API's request and response bodies that the server speaks (the subset llmmo implements).
 
 Requests are strict (a string is not a number, `false` is not an integer) and their limits are in the schema,
-so that /openapi.json states exactly what is accepted; unknown fields are ignored, as OpenAI's API does.
+so that /openapi.json states exactly what is accepted; unknown fields are ignored, as OpenAI's API does, but
+OpenAI's fields that llmmo does not implement (logprobs, tools, ...) are refused with 400 unless they ask for
+nothing (null, false).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -29,12 +33,48 @@ def _utf8(value: str) -> str:
     return value
 
 
+def _stop(value: Any) -> Any:
+    """Checked before the union of its forms, whose errors would name pydantic's branches, not the problem."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        return _utf8(value)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [_utf8(s) for s in value]
+    raise PydanticCustomError("stop_type", "must be a string or a list of strings")
+
+
+UNSUPPORTED = "unsupported"  # the error type of a field this server does not implement (answered 400, not 422)
+
+
+def unsupported(*inert: Any) -> Any:
+    """A field of OpenAI's API that llmmo does not implement: accepted only at a value that asks for nothing
+    (null, or `inert`: false, 1, ...), so that a client relying on it hears so instead of having it ignored."""
+
+    def check(value: Any) -> Any:
+        value = _integer(value)  # 1.0 is 1, as for the other integers
+        # bool apart: false is not 0 and true is not 1 here
+        if value is None or any(type(value) is type(v) and value == v for v in inert):
+            return value
+        shown = " or ".join(json.dumps(v) for v in (None, *inert))
+        raise PydanticCustomError(UNSUPPORTED, f"not supported by this server; leave it out (or send {shown})")
+
+    return Annotated[Any, BeforeValidator(check), WithJsonSchema({"enum": [*inert, None]})]
+
+
 Text = Annotated[str, AfterValidator(_utf8)]
 Integer = Annotated[int, BeforeValidator(_integer)]
 # the bound before the validator: so the schema states it as JSON Schema's "minimum", also under an Optional
 Positive = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
 # within what torch's generators take, and exact as a JSON float too (a bound of 2**64 - 1 reads as 2**64)
 Seed = Annotated[int, Field(ge=-(2**53), le=2**53), BeforeValidator(_integer)]
+# fields of OpenAI's API that llmmo does not implement, accepted at null and the values that ask for nothing
+OnlyNull = unsupported()
+OnlyFalse = unsupported(False)
+OnlyZero = unsupported(0)
+OnlyOne = unsupported(1)
+OnlyEmpty = unsupported([])
+OnlyText = unsupported({"type": "text"})
 
 
 class Strict(BaseModel):
@@ -51,13 +91,18 @@ class Sampling(Strict):
     top_k: Integer = Field(0, ge=0, description="llmmo's extension: sample among the k most likely tokens; 0 is off")
     n: Integer = Field(1, ge=1, le=1, description="completions per prompt (only 1)")
     stream: bool = False
-    stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    stop: Annotated[str | list[str] | None, BeforeValidator(_stop)] = Field(
+        None, description=f"up to {MAX_STOP} stop strings"
+    )
     seed: Seed | None = None
     user: Text | None = None
 
 
 class CompletionRequest(Sampling):
     prompt: Text = Field(description="the text to continue")
+    logprobs: OnlyNull = Field(None, description="not supported")  # here 0 asks for the chosen tokens' logprobs
+    echo: OnlyFalse = Field(None, description="not supported")
+    best_of: OnlyOne = Field(None, description="not supported (only 1)")
 
 
 class Message(Strict):
@@ -68,6 +113,10 @@ class Message(Strict):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Positive | None = Field(None, description="the newer name of max_tokens")
+    tools: OnlyEmpty = Field(None, description="not supported")
+    response_format: OnlyText = Field(None, description="not supported (only text)")
+    logprobs: OnlyFalse = Field(None, description="not supported")
+    top_logprobs: OnlyZero = Field(None, description="not supported")
 
 
 class Usage(BaseModel):

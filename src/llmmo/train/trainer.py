@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -146,6 +147,8 @@ class Trainer:
     Subclasses change the objective through `compute_loss` (distillation).
     """
 
+    resumable = True  # whether --train.resume can continue a run of this kind (fine-tunes save no optimizer state)
+
     def __init__(
         self,
         cfg: Config,
@@ -200,6 +203,11 @@ class Trainer:
         self.resumed = resumed is not None
         if resumed:
             self._restore(resumed)
+            if self.step > self.total_steps:
+                raise ConfigError(
+                    f"--train.resume: the run in '{self.out_dir}' is at step {self.step}, past this budget's "
+                    f"{self.total_steps} steps; raise --train.max_steps (or max_tokens / epochs) to continue it"
+                )
 
     def _make_sampler(self) -> EpochWindows | RandomWindows:
         """What `train_step` draws its batches from: `batch(step, micro)` -> (x, y)."""
@@ -238,15 +246,15 @@ class Trainer:
         return self.cfg.model.vocab_size or needed
 
     def _load_resume_checkpoint(self) -> Checkpoint | None:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"--train.out_dir '{self.out_dir}' is a file; give the folder to write the run in")
         latest = self.out_dir / "ckpt-latest"
         # a save cut short between its two renames left the run's last checkpoint parked beside it
         saved = latest.exists() or previous_folder(latest).exists()
         if not self.cfg.train.resume:
             if saved:
-                raise ConfigError(
-                    f"'{self.out_dir}' already holds a run; pass --train.resume true to continue it, "
-                    "or choose another --train.out_dir"
-                )
+                resume = "pass --train.resume true to continue it, or " if self.resumable else ""
+                raise ConfigError(f"'{self.out_dir}' already holds a run; {resume}choose another --train.out_dir")
             return None
         if not saved:
             raise ConfigError(f"--train.resume: no checkpoint at '{latest}'; train without resume first")
@@ -261,7 +269,9 @@ class Trainer:
         model = resolve_model(dataclasses.replace(self.cfg.model, vocab_size=ckpt.model.cfg.vocab_size))
         saved = ckpt.trainer_state["json"].get("run", {})
         # data first: a changed data.block_size should be named as such, not as the model.block_size it implies
-        pairs = [(f"data.{k}", v, getattr(ckpt.data, k)) for k, v in dataclasses.asdict(self.cfg.data).items()]
+        # (data.path: absolute now, relative in runs saved by earlier versions)
+        saved_data = dataclasses.replace(ckpt.data, path=ckpt.data.path and os.path.abspath(ckpt.data.path))
+        pairs = [(f"data.{k}", v, getattr(saved_data, k)) for k, v in dataclasses.asdict(self.cfg.data).items()]
         if "global_batch_size" not in saved and "batch_size" in saved:  # saved by one process before this key
             saved = saved | {"global_batch_size": saved["batch_size"]}
         label = {"global_batch_size": "batch_size x processes"}
@@ -270,8 +280,9 @@ class Trainer:
         for key, now, before in pairs:
             if now != before and key not in ("model.depth", "data.val_split"):
                 raise ConfigError(
-                    f"--train.resume: {key} is {now!r} but the run in '{self.out_dir}' used {before!r}; "
-                    "drop that option to continue the run, or start a new one with another --train.out_dir"
+                    f"--train.resume: {key} is {now!r} but the run in '{self.out_dir}' used {before!r}; continue "
+                    "it with the values it used (its config.yaml holds them), or start a new run with another "
+                    "--train.out_dir"
                 )
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -389,6 +400,12 @@ class Trainer:
     def evaluate_and_save(self) -> dict[str, Any]:
         """Evaluate on the val split, record it, and write ckpt-latest (and ckpt-best when it improved)."""
         record = self._counters() | self.validate()
+        if not math.isfinite(record["val_loss"]):
+            raise ConfigError(
+                f"training diverged by step {self.step}: val loss {record['val_loss']}; the checkpoints hold the last "
+                "finite evaluation's state (if any). Lower --train.lr, then resume with --train.resume true or start "
+                "again"
+            )
         self.evaluated_at = self.step
         self.metrics.write(record)
         improved = record["val_loss"] < self.best_val_loss
@@ -439,6 +456,12 @@ class Trainer:
         self.stop_requested, self.time_up = interrupted > 0, times_up > 0
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # the same on every rank (all-reduced)
+            raise ConfigError(
+                f"training diverged at step {self.step + 1}: loss {loss_sum}, gradient norm {grad_norm} (lr {lr:.3g}); "
+                "this step did not update the weights, and the checkpoints hold the last evaluation's state (if any). "
+                "Lower --train.lr (or raise --train.warmup_steps), then resume with --train.resume true or start again"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
