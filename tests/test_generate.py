@@ -484,7 +484,10 @@ def test_model_mode_is_restored_and_inference_mode_does_not_leak(hello_model):
     "kwargs, message",
     [
         (dict(max_new_tokens=-1), "max_new_tokens must be >= 0, got -1"),
-        (dict(temperature=-0.5), r"temperature must be >= 0 \(0 is greedy\), got -0.5"),
+        (dict(temperature=-0.5), r"temperature must be >= 0 and finite \(0 is greedy\), got -0.5"),
+        (dict(temperature=float("nan")), r"temperature must be >= 0 and finite \(0 is greedy\), got nan"),
+        (dict(repetition_penalty=float("nan")), r"repetition_penalty must be > 0 and finite"),
+        (dict(seed=2**64), r"seed must be a 64-bit integer"),
         (dict(top_k=-1), "top_k must be >= 0"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),

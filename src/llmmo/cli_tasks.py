@@ -77,6 +77,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def _stdin_text() -> str:
     """Standard input decoded as UTF-8 (Python's own decoding may let undecodable bytes through as surrogates)."""
+    if not hasattr(sys.stdin, "buffer"):  # a text stream put in its place (no bytes to decode)
+        return sys.stdin.read()
     raw = sys.stdin.buffer.read()
     try:
         return raw.decode("utf-8")
