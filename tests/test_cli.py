@@ -269,10 +269,6 @@ BAD_INPUTS = {
         lambda c, t: ["eval", str(c), "--data.path", "x"],
         "llmmo eval does not take --data.path",
     ),
-    "export onto its own input": (
-        lambda c, t: ["export", _copy(c, t), str(t / "copy"), "--overwrite"],
-        "holds the folder being converted",
-    ),
     "export into an unwritable place": (lambda c, t: ["export", str(c), "/proc/llmmo/hf"], "give a path whose folder"),
     "import of an llmmo checkpoint": (
         lambda c, t: ["import", str(c), str(t / "out")],
@@ -339,3 +335,29 @@ def test_classify_names_standard_input_that_is_not_utf8(monkeypatch, capsys) -> 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"good text\n\xff\xfe bad\n")))
     assert cli.main(["classify", "no/checkpoint/needed"]) == 2
     assert "standard input is not UTF-8 text (byte 10)" in capsys.readouterr().err
+
+
+def test_export_and_import_never_replace_the_folder_they_convert(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy(checkpoint, tmp_path)
+    assert cli.main(["export", copy, copy, "--overwrite"]) == 2
+    assert cli.main(["export", copy, str(tmp_path), "--overwrite"]) == 2  # a folder that holds it
+    assert "holds the folder being converted" in capsys.readouterr().err
+    assert "llmmo_version" in json.loads((tmp_path / "copy" / "config.json").read_text())  # still llmmo's
+    pytest.importorskip("transformers")
+    assert cli.main(["export", copy, str(tmp_path / "hf")]) == 0
+    assert cli.main(["import", str(tmp_path / "hf"), str(tmp_path / "hf"), "--overwrite"]) == 2
+    assert "holds the folder being converted" in capsys.readouterr().err
+    assert "model_type" in json.loads((tmp_path / "hf" / "config.json").read_text())  # still transformers'
+
+
+def test_eval_names_skipped_task_rows_and_reads_files_in_their_encoding(checkpoint: Path, tmp_path: Path, capsys):
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text('{"prompt": "ROMEO:", "response": "JULIET"}\nnot json\n', encoding="utf-8")
+    args = ["eval", str(checkpoint), "--task", "exact", "--file", str(rows), "--max-new-tokens", "4"]
+    assert cli.main(args + ["--skip-bad-rows"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 1 and f"skipped {rows}:2: " in captured.err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("ROMEO: caf\xe9 and more words to score.\n".encode("latin-1"))
+    assert cli.main(["eval", str(checkpoint), "--file", str(latin)]) == 2  # not UTF-8: names --encoding
+    assert "(llmmo eval: --encoding)" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import torch
 from llmmo import cli
 from llmmo.checkpoint import load_checkpoint, save_checkpoint
 from llmmo.config import DataConfig, ModelConfig, resolve_model
-from llmmo.errors import CheckpointError, ConfigError, DataError
+from llmmo.errors import CheckpointError, ConfigError, DataError, DivergedError
 from llmmo.finetune.chat import CHAT_TOKENS, END, add_chat_tokens, encode_chat, pack, render, resize_vocab
 from llmmo.finetune.lora import LoraConfig
 from llmmo.finetune.metrics import (
@@ -138,7 +138,8 @@ def test_chat_session_drops_the_oldest_turns_to_fit_and_keeps_the_system_message
     with pytest.raises(DataError, match="not in this char tokenizer's vocabulary"):
         "".join(session.send("ABC"))  # characters a char model cannot read
     assert session.history == []  # the refused message did not join the conversation
-    assert "".join(session.send("abc")) is not None and len(session.history) == 2
+    "".join(session.send("abc"))
+    assert [m["role"] for m in session.history] == ["user", "assistant"] and session.history[0]["content"] == "abc"
     with pytest.raises(ConfigError, match="not instruction-tuned"):
         ChatSession(model, char_tokenizer(["abc"]), GenerationConfig())
 
@@ -403,6 +404,8 @@ def test_lora_sft_trains_adapters_and_the_new_token_rows(sft_run: dict[str, Path
     # the adapter's folder stands for the merged model where a full checkpoint is needed: compressed, fine-tuned
     assert cli.main(["compress", "quantize", str(adapter), str(tmp_path / "int8"), "--scheme", "int8"]) == 0
     assert load_checkpoint(tmp_path / "int8").meta["compression"][0]["method"] == "quantize"
+    pruned = ["compress", "prune", str(adapter), str(tmp_path / "pruned"), "--sparsity", "0.3", "--recover-steps", "2"]
+    assert cli.main(pruned) == 0  # recovery trains the merged model's weights
     cfg.train.out_dir = str(tmp_path / "again")
     again = SFTTuner(cfg, dataclasses.replace(ft, lora=None), adapter)
     assert all(p.requires_grad for p in again.model.parameters())
@@ -498,3 +501,13 @@ def test_char_model_on_chinese_poetry_writes_chinese(data_dir: Path, tmp_path: P
     text = capsys.readouterr().out.strip()
     han = sum("\u4e00" <= c <= "\u9fff" for c in text)
     assert han >= 0.6 * len(text) and ("，" in text or "。" in text), text  # Chinese characters and punctuation
+
+
+def test_a_diverging_fine_tune_says_to_start_again(sft_run: dict[str, Path], tmp_path: Path) -> None:
+    cfg = finetune_defaults()
+    cfg.train.out_dir, cfg.train.max_steps, cfg.train.epochs = str(tmp_path / "run"), 5, 0
+    cfg.train.lr, cfg.train.min_lr = 1e30, 1e29
+    ft = FinetuneConfig("sft", str(sft_run["root"] / "train.jsonl"), prompt_field="question", response_field="answer")
+    with pytest.raises(DivergedError, match="training diverged at step .* then start again$") as e:
+        SFTTuner(cfg, ft, sft_run["root"] / "base").run()
+    assert "--train.resume" not in str(e.value)  # a fine-tune does not resume

@@ -4,6 +4,7 @@ fit -> plot -> plan, resuming without repeating a run."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -146,3 +147,21 @@ def test_a_fit_refuses_a_ledger_of_one_size_or_one_budget(
     assert "needs runs of at least 2 sizes and 2 budgets" in err and "sweep more --sizes and --budgets" in err
     assert f"{len(sizes)} size(s) and {len(budgets)} budget(s)" in err
     assert not (tmp_path / "fit.json").exists()
+
+
+def test_a_diverging_run_is_recorded_and_left_out_of_fits(data_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    sweep = [
+        "scale", "sweep", "--budgets", "5e8", "--sizes", "1", "--min-steps", "5", "--out", str(out),
+        "--model.aspect", "16", "--data.block_size", "32", "--train.batch_size", "4", "--train.eval_batches", "2",
+        "--train.device", "cpu", "--train.lr", "1e30",
+    ]  # fmt: skip
+    assert cli.main(sweep) == 0  # one diverging run does not stop the grid
+    (row,) = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert math.isnan(row["val_loss"]) and row["diverged"].startswith("training diverged at step")
+    assert "diverged" in (out / "ledger.csv").read_text().splitlines()[0]
+    mtime = (out / "ledger.jsonl").stat().st_mtime_ns
+    assert cli.main(sweep) == 0 and (out / "ledger.jsonl").stat().st_mtime_ns == mtime  # not run again
+    capsys.readouterr()
+    assert cli.main(["scale", "fit", str(out)]) == 2
+    assert "the runs fitted have 0 size(s)" in capsys.readouterr().err

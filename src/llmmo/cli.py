@@ -7,6 +7,7 @@ with a traceback only under --debug. Heavy imports (torch) happen inside the com
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -198,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task:
         return _eval_task(args, ckpt)
     if args.file:
-        split, name = tokenize_file(args.file, ckpt.tokenizer, encoding=ckpt.data.encoding), args.file
+        split, name = tokenize_file(args.file, ckpt.tokenizer, encoding=args.encoding or ckpt.data.encoding), args.file
     elif ckpt.data.source.startswith("hf:") and not ckpt.data.path:
         raise ConfigError(f"'{args.checkpoint}' was imported and names no data source; evaluate it with --file FILE")
     else:
@@ -211,19 +212,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_batches=args.max_batches,
         device=device,
+        block_size=ckpt.data.block_size,  # the windows it trained and was validated on
     )
     print(json.dumps({"checkpoint": str(args.checkpoint), "data": name} | result.as_dict(), indent=2))
     return 0
 
 
 def _eval_task(args: argparse.Namespace, ckpt: Any) -> int:
+    from llmmo.cli_tasks import report_skipped
     from llmmo.finetune.tasks import TaskFile, run_task, write_examples
 
     if not args.file:
         raise ConfigError(f"--task {args.task} scores a task file: pass it with --file FILE")
     fields = (args.prompt_field or "", args.reference_field or "")
-    file = TaskFile(Path(args.file), *fields, args.limit, args.encoding, args.skip_bad_rows)
+    file = TaskFile(Path(args.file), *fields, args.limit, args.encoding or "utf-8", args.skip_bad_rows)
     result = run_task(ckpt, args.task, file, sampling_from_args(args), args.batch_size)
+    report_skipped(result.skipped)
     if args.examples:
         write_examples(result, args.examples)
     print(json.dumps({"checkpoint": str(args.checkpoint), "task": args.task, "file": args.file} | result.scores))
@@ -250,7 +254,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "params": _params(model),
         "params_non_embedding": _params(model) - (model.num_params() - model.num_params(non_embedding=True)),
         "compression": ckpt.meta.get("compression", []),
-        "train_flops_per_token": model.flops_per_token(),
+        "train_flops_per_token": model.flops_per_token(ckpt.data.block_size),
         "tokenizer": {"kind": ckpt.tokenizer.kind, "vocab_size": ckpt.tokenizer.vocab_size},
         "data": {"source": ckpt.data.path or ckpt.data.source, "block_size": ckpt.data.block_size},
         "trained": {"step": ckpt.meta.get("step"), "tokens": ckpt.meta.get("tokens")},
@@ -333,7 +337,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if getattr(args, "recover_lr", 1.0) <= 0:
         raise ConfigError(f"--recover-lr must be positive, got {args.recover_lr}")
     ckpt = load_checkpoint(args.checkpoint)
-    merge_lora(ckpt.model)  # a LoRA fine-tune's folder: the model its adapters stand for (a plain one is kept)
+    # a LoRA fine-tune's folder: the model its adapters stand for, every weight trainable for --recover-steps
+    merge_lora(ckpt.model).requires_grad_(True)
     if any(r["method"] == "quantize" for r in ckpt.meta.get("compression", [])):
         raise ConfigError(
             f"'{args.checkpoint}' is quantized already; quantize last: prune, factorize or distill the float "
@@ -611,8 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="field of the reference (default: answer for gsm8k, label for classify, else response)",
     )
     t.add_argument("--examples", metavar="FILE", help="write each example, reply and score to this JSONL file")
-    t.add_argument("--encoding", default="utf-8", help="of the task file (default: utf-8)")
-    t.add_argument("--skip-bad-rows", action="store_true", help="leave out rows that cannot be read (each is named)")
+    p.add_argument("--encoding", help="of --file (default: the checkpoint's data.encoding; a task file's: utf-8)")
+    t.add_argument(
+        "--skip-bad-rows", action="store_true", help="leave out rows that cannot be read, naming each (not squad)"
+    )
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.set_defaults(func=cmd_eval)
 
@@ -814,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         if unknown:
-            _reject_unknown(unknown, args.command)
+            # the command as typed: `scale sweep` takes options that `scale fit` does not
+            _reject_unknown(unknown, " ".join(filter(None, [args.command, getattr(args, "action", None)])))
         return args.func(args)
     except LlmmoError as e:
         print(f"llmmo: error: {e}", file=sys.stderr)
@@ -825,19 +833,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`llmmo generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as e:  # a path that cannot be read or written: a missing folder, a file in a folder's place
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # a path that cannot be read or written: a missing folder, a file in a folder's place, permissions
         if args.debug:
             raise
         where = f": '{e.filename}'" if e.filename else ""
-        print(
-            f"llmmo: error: {e.strerror or e}{where}; give a path whose folder exists and that you can write "
-            "(or read, for inputs)",
-            file=sys.stderr,
-        )
+        fix = "give a path whose folder exists and that you can write (or read, for inputs)"
+        print(f"llmmo: error: {e.strerror or e}{where}; {fix}", file=sys.stderr)
         return 2
     except Exception as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            where = f" (writing '{e.filename}')" if e.filename else ""
+            print(f"llmmo: error: no space left on the device{where}; free disk space and run again", file=sys.stderr)
+            return 2
         print(f"llmmo: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

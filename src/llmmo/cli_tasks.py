@@ -47,10 +47,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = finetune(cfg, ft, args.base, reporter)
     if reporter.bar is not None:
         reporter.bar.close()
-    for line in result["skipped"][:20]:
-        print(f"skipped {line}", file=sys.stderr)
-    if result["skipped"]:
-        print(f"skipped {len(result['skipped'])} bad rows in all", file=sys.stderr)
+    report_skipped(result["skipped"])
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     shown = {k: v for k, v in result["last_eval"].items() if k.startswith("val_")}
@@ -58,11 +55,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 130 if result["interrupted"] else 0
 
 
+def report_skipped(skipped: list[str]) -> None:
+    """The first rows left out by --skip-bad-rows ("file:line: why"), and how many in all."""
+    for line in skipped[:20]:
+        print(f"skipped {line}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} bad rows in all", file=sys.stderr)
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from llmmo.finetune.predict import TextClassifier
     from llmmo.train import pick_device
 
-    texts = args.text or [line for line in _stdin_text().splitlines() if line.strip()]
+    texts = args.text or [line for line in _stdin_text().split("\n") if line.strip()]
     if not texts:
         raise ConfigError("no text to classify; pass texts as arguments or one per line on stdin")
     classifier = TextClassifier.load(args.checkpoint, device=pick_device(args.device))
@@ -165,26 +170,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmmo.train import pick_device
 
     sock = listen(args.host, args.port)  # a port in use fails here, before the checkpoint loads
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device="cpu" if args.engine == "process" else device)
-    path = Path(args.checkpoint).resolve()
-    name = args.model_name or (path.parent.name if path.name.startswith("ckpt-") else path.name)
-    cfg = ServeConfig(
-        name,
-        args.api_key,
-        args.max_batch,
-        args.max_queue,
-        args.request_timeout,
-        threads=args.threads,
-        engine_process=args.engine == "process",
-        checkpoint_path=str(path),
-        device=str(device),
-    )
-    app = create_app(ckpt, cfg)
-    del ckpt  # with an engine process, this process keeps the tokenizer only
-    port = sock.getsockname()[1]  # the one picked for --port 0
-    print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{port}/ (chat page at /)", file=sys.stderr)
-    serve(app, sock)
+    with sock:  # closed however this ends (a checkpoint that fails to load too)
+        device = pick_device(args.device)
+        ckpt = load_checkpoint(args.checkpoint, device="cpu" if args.engine == "process" else device)
+        path = Path(args.checkpoint).resolve()
+        name = args.model_name or (path.parent.name if path.name.startswith("ckpt-") else path.name)
+        cfg = ServeConfig(
+            name,
+            args.api_key,
+            args.max_batch,
+            args.max_queue,
+            args.request_timeout,
+            threads=args.threads,
+            engine_process=args.engine == "process",
+            checkpoint_path=str(path),
+            device=str(device),
+        )
+        app = create_app(ckpt, cfg)
+        del ckpt  # with an engine process, this process keeps the tokenizer only
+        port = sock.getsockname()[1]  # the one picked for --port 0
+        print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{port}/ (chat page at /)", file=sys.stderr)
+        serve(app, sock)
     return 0
 
 

@@ -14,7 +14,6 @@ import difflib
 import functools
 import inspect
 import math
-import os
 import re
 import types
 import typing
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from llmmo.errors import ConfigError
+from llmmo.fileio import absolute_path
 
 # What the names `gpt2` and `llama` imply (GPT-2: Radford et al. 2019; LLaMA: Touvron et al. 2023).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -322,7 +322,7 @@ def resolve_config(cfg: Config) -> Config:
     if d.block_size <= 0:
         raise ConfigError(f"data.block_size must be positive, got {d.block_size}")
     if d.path:  # absolute, so that a checkpoint's data config finds the text from any working folder
-        d.path = os.path.abspath(os.path.expanduser(d.path))
+        d.path = absolute_path(d.path)
     if d.vocab_size == 0 and d.tokenizer != "char":
         d.vocab_size = 10000 if d.tokenizer == "word" else 4096
     if d.tokenizer == "bpe" and d.vocab_size < 257:
@@ -348,9 +348,11 @@ def resolve_config(cfg: Config) -> Config:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, key) < 1.0:
             raise ConfigError(f"train.{key} must be in [0, 1) (Adam's moment decay), got {getattr(t, key)}")
-    for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed"):
+    for key in ("warmup_steps", "weight_decay", "eval_batches", "seed"):
         if not 0 <= getattr(t, key) < math.inf:
             raise ConfigError(f"train.{key} must be 0 or more and finite, got {getattr(t, key)}")
+    if math.isnan(t.grad_clip):  # (at or below 0 turns clipping off: runs saved with -1 resume as they were)
+        raise ConfigError("train.grad_clip is NaN; give the largest gradient norm, or 0 to turn clipping off")
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.matmul == "onednn" and t.compile:

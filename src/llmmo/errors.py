@@ -24,3 +24,12 @@ class CheckpointError(LlmmoError):
 class InteropError(LlmmoError):
     """A model or option that another library's format cannot hold exactly (or a foreign model that llmmo
     cannot), or a model that cannot be fetched; refused rather than converted approximately."""
+
+
+class DivergedError(LlmmoError):
+    """Training whose loss or gradient became NaN or infinite (most often a learning rate too high). `detail` says
+    where; the message adds the fix of the command that trained."""
+
+    def __init__(self, detail: str, fix: str):
+        super().__init__(f"{detail}; {fix}")
+        self.detail = detail

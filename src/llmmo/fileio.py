@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import shutil
 import uuid
@@ -25,13 +27,44 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 
 
 def sync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk. A rename survives a power cut only once the data it
-    names is on the disk, and the rename itself only once its folder is."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush a file's data, or a folder's entries, to the disk: a rename survives a power cut only once the data
+    it names is on the disk, and the rename itself only once its folder is. Folders are flushed where the system
+    allows it (not on Windows, nor on some network and virtual file systems, which refuse it). macOS flushes to
+    the drive, not through its cache (that takes F_FULLFSYNC)."""
+    if path.is_dir():
+        if os.name == "nt":
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as e:  # EINVAL, ENOTSUP, ...: this file system keeps folders its own way
+            if e.errno not in _UNSYNCABLE:
+                raise
+        finally:
+            os.close(fd)
+        return
+    with path.open("rb+") as f:  # Windows flushes only a handle open for writing
+        os.fsync(f.fileno())
+
+
+_UNSYNCABLE = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM}
+
+
+def is_glob(path: str) -> bool:
+    """Whether `data.path` is a pattern (glob) rather than a file or folder name."""
+    return any(c in path for c in "*?[")
+
+
+def absolute_path(path: str) -> str:
+    """`path` with `~` expanded and made absolute; a relative glob keeps the working folder's own `*?[` literal."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    cwd = glob.escape(os.getcwd()) if is_glob(path) else os.getcwd()
+    return os.path.normpath(os.path.join(cwd, path))
 
 
 def write_text_atomic(dest: Path, text: str) -> None:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from llmmo.compress.lowrank import lowrank_layout
 from llmmo.compress.quantize import is_tensor_subclass, quantized_layout, torchao
 from llmmo.config import Config, TrainConfig
+from llmmo.errors import DivergedError
 
 if TYPE_CHECKING:
     from llmmo.checkpoint import Checkpoint
@@ -67,16 +68,19 @@ def recover(ckpt: Checkpoint, steps: int, lr: float, batch_size: int = 12, devic
             device=device,
         )
         cfg = Config(model=ckpt.model.cfg, data=ckpt.data, train=train)
-        return Trainer(cfg, start=ckpt).run().best_val_loss
+        try:
+            return Trainer(cfg, start=ckpt).run().best_val_loss
+        except DivergedError as e:
+            raise DivergedError(f"recovery {e.detail}", "nothing was written: lower --recover-lr") from None
 
 
 def save_compressed(ckpt: Checkpoint, out: str | Path, record: dict[str, Any]) -> None:
     """Write `ckpt` (its model compressed by the method that returned `record`) as a checkpoint folder, its
-    compression records (those it already had, then this one) in config.json."""
+    compression records (those it already had, then this one) in config.json; a fine-tune's task and head too."""
     from llmmo.checkpoint import save_checkpoint
 
     records = [*ckpt.meta.get("compression", []), record]
-    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=records)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.data, compression=records, task=ckpt.task, head=ckpt.head)
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,14 @@ def measure(path: str, cfg: ReportConfig) -> dict:
     ckpt = load_checkpoint(path)
     data = prepare_data(ckpt.data, tokenizer=ckpt.tokenizer, splits=(cfg.split,))
     split = data.splits[cfg.split]
-    result = evaluate(ckpt.model, split, ckpt.tokenizer.token_bytes(), cfg.batch_size, cfg.max_batches)
+    result = evaluate(
+        ckpt.model,
+        split,
+        ckpt.tokenizer.token_bytes(),
+        cfg.batch_size,
+        cfg.max_batches,
+        block_size=ckpt.data.block_size,
+    )
     params, nonzero = count_params(ckpt.model)
     prompt = [int(t) for t in split.tokens[:PROMPT_TOKENS]]
     methods = [

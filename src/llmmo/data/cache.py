@@ -44,6 +44,7 @@ def fingerprint(identity: Any) -> str:
 def file_identity(path: Path) -> list[Any]:
     """What says a file is unchanged without reading it: its absolute path, size, inode, and modification and
     change times. The change time too, because copying tools keep the modification time (`cp -p`, `rsync -t`,
-    `tar x`) of a file that may have the same size; no tool can set the change time."""
+    `tar x`) of a file that may have the same size; no tool can set the change time (on Linux and macOS; Windows
+    reports the creation time there)."""
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]

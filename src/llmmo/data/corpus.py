@@ -26,6 +26,7 @@ from pathlib import Path
 
 from llmmo.config import DataConfig
 from llmmo.errors import DataError
+from llmmo.fileio import is_glob
 
 from .cache import file_identity, fingerprint
 from .sources import PYSTDLIB, NamedSource, get_source, locate, pystdlib_files
@@ -152,14 +153,10 @@ def load_corpus(cfg: DataConfig, splits: tuple[str, ...] | None = None) -> Loade
 # ------------------------------------------------------------------------------------------- local files
 
 
-def is_glob(path: str) -> bool:
-    return any(c in path for c in "*?[")
-
-
 def list_text_files(path: str) -> tuple[list[Path], list[Path]]:
     """The text files that `data.path` stands for, in sorted order, and the binary files it skipped."""
     hint = "pass an existing text file, folder, glob or .jsonl file with --data.path"
-    if is_glob(path):
+    if is_glob(path) and not Path(path).expanduser().exists():  # a name that exists is that file or folder
         candidates = sorted(Path(p) for p in glob.glob(os.path.expanduser(path), recursive=True))
         candidates = [p for p in candidates if p.is_file()]
         if not candidates:
@@ -204,11 +201,14 @@ def read_text(path: Path, encoding: str) -> str:
     try:
         return data.decode(encoding)
     except LookupError:
-        raise DataError(f"unknown text encoding '{encoding}'; set --data.encoding to a Python codec name") from None
+        raise DataError(
+            f"unknown text encoding '{encoding}'; set --data.encoding (llmmo eval: --encoding) to a Python codec name"
+        ) from None
     except UnicodeDecodeError as e:
         raise DataError(
             f"'{path}' is not valid {encoding}: byte 0x{data[e.start]:02x} at byte offset {e.start} ({e.reason}); "
-            "set --data.encoding to the file's encoding (e.g. latin-1 or cp1252), or convert the file to UTF-8"
+            "set --data.encoding (llmmo eval: --encoding) to the file's encoding (e.g. latin-1 or cp1252), or convert "
+            "the file to UTF-8"
         ) from None
 
 

@@ -96,10 +96,7 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> Iterator
     """The ids of the documents joined as the module docstring says, as consecutive int64 arrays."""
     eot = tokenizer.eot_id
     started = False
-    # llmmo's tokenizers give a document cut at `pieces` the ids of the whole; an imported one may not (a
-    # Metaspace pre-tokenizer adds "▁" at the start of every text), so its documents are encoded whole
-    cut = tokenizer.kind != "hf"
-    for batch in _batches(_document_pieces(documents, cut)):
+    for batch in _batches(_document_pieces(documents, _cuts_safely(tokenizer))):
         out: list[int] = []
         for (_, first, last), ids in zip(batch, tokenizer.encode_batch([text for text, _, _ in batch]), strict=True):
             if first and started and eot is None:
@@ -109,6 +106,16 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> Iterator
             if last and eot is not None and (not ids or ids[-1] != eot):
                 out.append(eot)
         yield np.array(out, dtype=np.int64)
+
+
+def _cuts_safely(tokenizer: Tokenizer) -> bool:
+    """Whether a document cut where `pieces` cuts encodes to the ids of the whole. llmmo's tokenizers do; an
+    imported one is tried on such cuts (a Metaspace pre-tokenizer, which marks the start of every text with
+    "▁", does not: its documents are encoded whole, in memory that grows with the document)."""
+    if tokenizer.kind != "hf":
+        return True
+    cuts = [("word\n", "word"), ("Hello, world.\n", "Next line"), ("12\n", "34"), ("é\n", "ü")]
+    return all(tokenizer.encode(a + b) == tokenizer.encode(a) + tokenizer.encode(b) for a, b in cuts)
 
 
 def _document_pieces(documents: Iterable[str], cut: bool) -> Iterator[tuple[str, bool, bool]]:

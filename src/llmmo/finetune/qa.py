@@ -53,6 +53,8 @@ def read_squad(path: str | Path, encoding: str = "utf-8") -> list[Question]:
         raise DataError(
             f"'{path}' is not valid {encoding} (byte {e.start}); pass its encoding with --encoding"
         ) from None
+    except LookupError:
+        raise DataError(f"unknown text encoding '{encoding}'; pass a Python codec name with --encoding") from None
     except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
         raise DataError(
             f"'{path}' is not SQuAD v1.1 JSON ({type(e).__name__}: {e}); expected "

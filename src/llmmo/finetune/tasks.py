@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class TaskResult:
     task: str
     scores: dict[str, float]
     examples: list[dict[str, Any]]  # each prompt, reference and reply (and its score), for reading
+    skipped: list[str] = field(default_factory=list)  # "file:line: why" of the rows left out (--skip-bad-rows)
 
 
 Prompt = str | list[dict[str, str]]  # a user message, or a conversation up to the reply to generate
@@ -85,11 +86,13 @@ def _some(examples: list, f: TaskFile) -> list:
     return examples[: f.limit or None]
 
 
-def _pairs(f: TaskFile, prompt_field: str, reference_field: str) -> tuple[list[Prompt], list[str]]:
-    """Each row's conversation up to its last (assistant) message, and that message: the reference."""
+def _pairs(f: TaskFile, prompt_field: str, reference_field: str) -> tuple[list[Prompt], list[str], list[str]]:
+    """Each row's conversation up to its last (assistant) message, that message (the reference), and the rows
+    left out."""
     fields = (f.prompt_field or prompt_field, f.reference_field or reference_field)
-    chats = _some(read_conversations(f.path, *fields, f.encoding, f.skip_bad_rows).conversations, f)
-    return [c[:-1] for c in chats], [c[-1]["content"] for c in chats]
+    read = read_conversations(f.path, *fields, f.encoding, f.skip_bad_rows)
+    chats = _some(read.conversations, f)
+    return [c[:-1] for c in chats], [c[-1]["content"] for c in chats], read.skipped
 
 
 def _shown(prompt: Prompt) -> str:
@@ -97,7 +100,7 @@ def _shown(prompt: Prompt) -> str:
 
 
 def _gsm8k(ckpt, f, gen, batch) -> TaskResult:
-    prompts, references = _pairs(f, "question", "answer")
+    prompts, references, skipped = _pairs(f, "question", "answer")
     replies = generate_replies(ckpt, prompts, gen, batch)
     examples, formatted, correct = [], 0, 0
     for p, ref, reply in zip(prompts, references, replies, strict=True):
@@ -106,7 +109,8 @@ def _gsm8k(ckpt, f, gen, batch) -> TaskResult:
         correct += same_number(got, want)
         examples.append({"prompt": _shown(p), "reference": want, "reply": reply, "extracted": got})
     n = max(len(prompts), 1)
-    return TaskResult("gsm8k", {"format_rate": formatted / n, "accuracy": correct / n, "n": len(prompts)}, examples)
+    scores = {"format_rate": formatted / n, "accuracy": correct / n, "n": len(prompts)}
+    return TaskResult("gsm8k", scores, examples, skipped)
 
 
 def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
@@ -115,7 +119,7 @@ def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
             import sacrebleu
         except ImportError:
             raise ConfigError("chrF and BLEU need sacrebleu: pip install 'llmmo[tasks]'") from None
-        prompts, references = _pairs(f, "prompt", "response")
+        prompts, references, skipped = _pairs(f, "prompt", "response")
         replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
         scorer = sacrebleu.corpus_chrf if metric == "chrf" else sacrebleu.corpus_bleu
         score = scorer(replies, [references]).score
@@ -123,19 +127,19 @@ def _sacrebleu(metric: str) -> Callable[..., TaskResult]:
             {"prompt": _shown(p), "reference": r, "reply": y}
             for p, r, y in zip(prompts, references, replies, strict=True)
         ]
-        return TaskResult(metric, {metric: score, "n": len(prompts)}, examples)
+        return TaskResult(metric, {metric: score, "n": len(prompts)}, examples, skipped)
 
     return run
 
 
 def _exact(ckpt, f, gen, batch) -> TaskResult:
-    prompts, references = _pairs(f, "prompt", "response")
+    prompts, references, skipped = _pairs(f, "prompt", "response")
     replies = [r.strip() for r in generate_replies(ckpt, prompts, gen, batch)]
     hits = [r == ref.strip() for r, ref in zip(replies, references, strict=True)]
     examples = [
         {"prompt": _shown(p), "reference": r, "reply": y} for p, r, y in zip(prompts, references, replies, strict=True)
     ]
-    return TaskResult("exact", {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits)}, examples)
+    return TaskResult("exact", {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits)}, examples, skipped)
 
 
 def _squad(ckpt, f, gen, batch) -> TaskResult:
@@ -173,7 +177,7 @@ def _classify(ckpt, f, gen, batch) -> TaskResult:
     scores = classification_scores(confusion) | {"confusion": confusion.tolist(), "n": len(texts)}
     examples = [{"text": t, "label": classifier.labels[y], "predicted": p.label, "probabilities": p.probabilities}
                 for t, y, p in zip(texts, labels, predictions, strict=True)]  # fmt: skip
-    return TaskResult("classify", scores, examples)
+    return TaskResult("classify", scores, examples, data.skipped)
 
 
 RUNNERS: dict[str, Callable[..., TaskResult]] = {

@@ -222,7 +222,7 @@ def export_hf(
     """
     out = Path(out)
     limit = parse_size(max_shard_size)
-    check_out_folder(out, overwrite, None if isinstance(checkpoint, Checkpoint) else Path(checkpoint))
+    check_out_folder(out, overwrite, checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint))
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if any(r["method"] in ("quantize", "lowrank") for r in ckpt.meta.get("compression", [])):
         from llmmo.compress import densify

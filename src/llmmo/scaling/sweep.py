@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from llmmo.config import Config, resolve_config, resolve_model
-from llmmo.errors import ConfigError
+from llmmo.errors import ConfigError, DivergedError
 from llmmo.fileio import write_text_atomic
 from llmmo.model import Transformer
 
@@ -80,7 +80,7 @@ def shape_of(base: Config, depth: int) -> dict[str, int]:
     return {
         "params": model.num_params(),
         "params_nonembedding": model.num_params(non_embedding=True),
-        "flops_per_token": model.flops_per_token(),
+        "flops_per_token": model.flops_per_token(base.data.block_size),
         "n_layer": model.cfg.n_layer,
         "n_embd": model.cfg.n_embd,
     }
@@ -164,7 +164,8 @@ def _checked(row: Any, number: int, path: Path) -> dict[str, Any]:
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # a diverged run's row has one more
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
@@ -213,14 +214,22 @@ def sweep(
             ),
         )
         trainer = Trainer(cfg)
-        result = trainer.run()
-        row = run | {
-            "tokens": result.tokens,
-            "flops": result.flops,
-            "val_loss": result.last_eval["val_loss"],
-            "time_s": trainer.elapsed(),
-            "tok_per_s": result.tokens / max(trainer.elapsed(), 1e-9),
-        }
+        diverged = {}
+        try:
+            val_loss = trainer.run().last_eval["val_loss"]
+        except DivergedError as e:  # recorded, so that a resumed sweep does not run it again; fits leave it out
+            val_loss, diverged = math.nan, {"diverged": e.detail}
+        row = (
+            run
+            | {
+                "tokens": trainer.tokens,
+                "flops": trainer.tokens * trainer.flops_per_token,
+                "val_loss": val_loss,
+                "time_s": trainer.elapsed(),
+                "tok_per_s": trainer.tokens / max(trainer.elapsed(), 1e-9),
+            }
+            | diverged
+        )
         with ledger.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done[row["run"]] = row

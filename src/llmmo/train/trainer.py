@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -37,9 +36,9 @@ from llmmo.distributed import (
     parallelize,
     total_norm,
 )
-from llmmo.errors import CheckpointError, ConfigError
+from llmmo.errors import CheckpointError, ConfigError, DivergedError
 from llmmo.evaluate import evaluate
-from llmmo.fileio import previous_folder, write_text_atomic
+from llmmo.fileio import absolute_path, previous_folder, write_text_atomic
 from llmmo.model import Transformer
 from llmmo.onednn import onednn_linears
 from llmmo.tokenizer import Tokenizer
@@ -209,6 +208,12 @@ class Trainer:
                     f"{self.total_steps} steps; raise --train.max_steps (or max_tokens / epochs) to continue it"
                 )
 
+    def _calmer(self) -> str:
+        """What to do when the run diverged (before it saved anything non-finite)."""
+        fix = "lower --train.lr (or raise --train.warmup_steps)"
+        again = "then resume with --train.resume true, or start again" if self.resumable else "then start again"
+        return f"the checkpoints hold the last finite evaluation's state (if any): {fix}, {again}"
+
     def _make_sampler(self) -> EpochWindows | RandomWindows:
         """What `train_step` draws its batches from: `batch(step, micro)` -> (x, y)."""
         t = self.cfg.train
@@ -270,7 +275,7 @@ class Trainer:
         saved = ckpt.trainer_state["json"].get("run", {})
         # data first: a changed data.block_size should be named as such, not as the model.block_size it implies
         # (data.path: absolute now, relative in runs saved by earlier versions)
-        saved_data = dataclasses.replace(ckpt.data, path=ckpt.data.path and os.path.abspath(ckpt.data.path))
+        saved_data = dataclasses.replace(ckpt.data, path=ckpt.data.path and absolute_path(ckpt.data.path))
         pairs = [(f"data.{k}", v, getattr(saved_data, k)) for k, v in dataclasses.asdict(self.cfg.data).items()]
         if "global_batch_size" not in saved and "batch_size" in saved:  # saved by one process before this key
             saved = saved | {"global_batch_size": saved["batch_size"]}
@@ -401,11 +406,7 @@ class Trainer:
         """Evaluate on the val split, record it, and write ckpt-latest (and ckpt-best when it improved)."""
         record = self._counters() | self.validate()
         if not math.isfinite(record["val_loss"]):
-            raise ConfigError(
-                f"training diverged by step {self.step}: val loss {record['val_loss']}; the checkpoints hold the last "
-                "finite evaluation's state (if any). Lower --train.lr, then resume with --train.resume true or start "
-                "again"
-            )
+            raise DivergedError(f"training diverged by step {self.step}: val loss {record['val_loss']}", self._calmer())
         self.evaluated_at = self.step
         self.metrics.write(record)
         improved = record["val_loss"] < self.best_val_loss
@@ -449,7 +450,8 @@ class Trainer:
                 with self.autocast:
                     loss = self.compute_loss(x, y)
                 (loss * weight).backward()
-            loss_sum += loss.item() * weight
+            if n:  # a micro-batch without targets has a NaN mean (0 / 0); its gradient is zero
+                loss_sum += loss.item() * weight
         # the mean loss over the step's whole batch, and whether any rank must stop (Ctrl-C, its clock): every
         # rank then leaves the loop after the same step, and no rank waits in a collective the others skip
         loss_sum, interrupted, times_up = self.world.sum([loss_sum / self.world.size, self.stop_requested, time_up])
@@ -457,11 +459,10 @@ class Trainer:
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # the same on every rank (all-reduced)
-            raise ConfigError(
-                f"training diverged at step {self.step + 1}: loss {loss_sum}, gradient norm {grad_norm} (lr {lr:.3g}); "
-                "this step did not update the weights, and the checkpoints hold the last evaluation's state (if any). "
-                "Lower --train.lr (or raise --train.warmup_steps), then resume with --train.resume true or start again"
+            detail = (
+                f"training diverged at step {self.step + 1}: loss {loss_sum}, gradient norm {grad_norm} (lr {lr:.3g})"
             )
+            raise DivergedError(detail, self._calmer())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
