@@ -48,13 +48,18 @@ def test_isoflop_parabolas_find_the_optimal_sizes() -> None:
     assert iso.d_exponent == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.03)
 
 
+def tiny_sweep(out: Path, budgets: str, sizes: str, lr: str) -> list[str]:
+    """`llmmo scale sweep` arguments for seconds-sized runs on tinyshakespeare."""
+    return [
+        "scale", "sweep", "--budgets", budgets, "--sizes", sizes, "--min-steps", "5", "--out", str(out),
+        "--model.aspect", "16", "--data.block_size", "32", "--train.batch_size", "4", "--train.eval_batches", "2",
+        "--train.device", "cpu", "--train.lr", lr,
+    ]  # fmt: skip
+
+
 def test_a_tiny_sweep_fits_plots_and_plans(data_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    sweep = [
-        "scale", "sweep", "--budgets", "5e8,1e9,2e9", "--sizes", "1,2", "--min-steps", "5", "--out", str(out),
-        "--model.aspect", "16", "--data.block_size", "32", "--train.batch_size", "4", "--train.eval_batches", "2",
-        "--train.device", "cpu", "--train.lr", "3e-3",
-    ]  # fmt: skip
+    sweep = tiny_sweep(out, "5e8,1e9,2e9", "1,2", lr="3e-3")
     assert cli.main(sweep) == 0
     rows = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {r["depth"] for r in rows} == {1, 2}
@@ -151,11 +156,7 @@ def test_a_fit_refuses_a_ledger_of_one_size_or_one_budget(
 
 def test_a_diverging_run_is_recorded_and_left_out_of_fits(data_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    sweep = [
-        "scale", "sweep", "--budgets", "5e8", "--sizes", "1", "--min-steps", "5", "--out", str(out),
-        "--model.aspect", "16", "--data.block_size", "32", "--train.batch_size", "4", "--train.eval_batches", "2",
-        "--train.device", "cpu", "--train.lr", "1e30",
-    ]  # fmt: skip
+    sweep = tiny_sweep(out, "5e8", "1", lr="1e30")
     assert cli.main(sweep) == 0  # one diverging run does not stop the grid
     (row,) = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     assert math.isnan(row["val_loss"]) and row["diverged"].startswith("training diverged at step")
