@@ -13,7 +13,7 @@ import torch
 from llmmo.checkpoint import load_checkpoint
 from llmmo.config import load_config
 from llmmo.cpu import cpu_vendor, mkl_fast_path
-from llmmo.errors import CheckpointError, ConfigError
+from llmmo.errors import CheckpointError, ConfigError, DivergedError
 from llmmo.evaluate import evaluate
 from llmmo.train import Reporter, Trainer
 from llmmo.train.optim import build_optimizer
@@ -367,7 +367,7 @@ def test_a_diverging_run_stops_before_saving_non_finite_weights(data_dir: Path, 
     Trainer(load_config(overrides=tiny(out, **{"train.max_steps": 10, "train.eval_every": 10}))).run()
     before = load_checkpoint(out / "ckpt-latest").model.state_dict()
     diverging = tiny(out, **{"train.max_steps": 20, "train.eval_every": 1, "train.resume": True, "train.lr": 1e30})
-    with pytest.raises(ConfigError, match=r"training diverged (at|by) step 1\d: .* Lower --train.lr"):
+    with pytest.raises(DivergedError, match=r"training diverged (at|by) step 1\d: .* lower --train.lr"):
         Trainer(load_config(overrides=diverging | {"train.min_lr": 1e29})).run()
     after = load_checkpoint(out / "ckpt-latest").model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
