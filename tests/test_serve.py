@@ -166,10 +166,17 @@ COMPLETION = {"model": "tiny-chat", "prompt": "Tom", "max_tokens": 2}
          "response_format: not supported by this server"),
         ("/v1/chat/completions", CHAT | {"logprobs": True}, 400, "logprobs: not supported by this server"),
         ("/v1/chat/completions", CHAT | {"top_logprobs": 2}, 400, "top_logprobs: not supported by this server"),
+        ("/v1/chat/completions", CHAT | {"tool_choice": "auto"}, 400, "tool_choice: not supported by this server"),
+        ("/v1/chat/completions", CHAT | {"function_call": "auto"}, 400, "function_call: not supported"),
+        ("/v1/completions", COMPLETION | {"suffix": "end"}, 400, "suffix: not supported by this server"),
+        ("/v1/completions", COMPLETION | {"presence_penalty": 0.5}, 400, "presence_penalty: not supported"),
+        ("/v1/chat/completions", CHAT | {"frequency_penalty": 1}, 400, "frequency_penalty: not supported"),
+        ("/v1/chat/completions", CHAT | {"logit_bias": {"5": 10}}, 400, "logit_bias: not supported by this server"),
         # the values that ask for none of it are fine
         ("/v1/completions", COMPLETION | {"logprobs": None, "echo": False, "best_of": 1}, 200, None),
         ("/v1/chat/completions", CHAT | {"tools": None, "response_format": {"type": "text"}, "logprobs": False,
-         "top_logprobs": None}, 200, None),
+         "top_logprobs": None, "tool_choice": "none", "presence_penalty": 0, "frequency_penalty": 0.0,
+         "logit_bias": {}}, 200, None),
     ],
 )  # fmt: skip
 def test_mistyped_and_unsupported_fields_are_named(

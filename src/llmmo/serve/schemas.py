@@ -75,6 +75,8 @@ OnlyZero = unsupported(0)
 OnlyOne = unsupported(1)
 OnlyEmpty = unsupported([])
 OnlyText = unsupported({"type": "text"})
+OnlyNone = unsupported("none")  # tool_choice, function_call: "none" calls no tool
+OnlyNoBias = unsupported({})  # logit_bias
 
 
 class Strict(BaseModel):
@@ -96,6 +98,9 @@ class Sampling(Strict):
     )
     seed: Seed | None = None
     user: Text | None = None
+    presence_penalty: OnlyZero = Field(None, description="not supported (only 0)")
+    frequency_penalty: OnlyZero = Field(None, description="not supported (only 0)")
+    logit_bias: OnlyNoBias = Field(None, description="not supported (only {})")
 
 
 class CompletionRequest(Sampling):
@@ -103,6 +108,7 @@ class CompletionRequest(Sampling):
     logprobs: OnlyNull = Field(None, description="not supported")  # here 0 asks for the chosen tokens' logprobs
     echo: OnlyFalse = Field(None, description="not supported")
     best_of: OnlyOne = Field(None, description="not supported (only 1)")
+    suffix: OnlyNull = Field(None, description="not supported")
 
 
 class Message(Strict):
@@ -114,6 +120,9 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Positive | None = Field(None, description="the newer name of max_tokens")
     tools: OnlyEmpty = Field(None, description="not supported")
+    tool_choice: OnlyNone = Field(None, description='not supported (only "none")')
+    functions: OnlyEmpty = Field(None, description="not supported")
+    function_call: OnlyNone = Field(None, description='not supported (only "none")')
     response_format: OnlyText = Field(None, description="not supported (only text)")
     logprobs: OnlyFalse = Field(None, description="not supported")
     top_logprobs: OnlyZero = Field(None, description="not supported")
