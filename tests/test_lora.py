@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,15 @@ from llmmo import cli
 from llmmo.checkpoint import load_checkpoint, save_checkpoint
 from llmmo.config import ModelConfig, resolve_model
 from llmmo.errors import CheckpointError, ConfigError
-from llmmo.finetune.lora import LoraConfig, LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
+from llmmo.finetune.lora import (
+    LoraConfig,
+    LoRALinear,
+    apply_lora,
+    load_adapted,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 from llmmo.model import Transformer
 from llmmo.tokenizer import char_tokenizer
 
@@ -88,6 +97,15 @@ def test_the_adapter_file_is_small_and_merges_through_the_cli(tmp_path: Path) ->
     other = Transformer(resolve_model(ModelConfig(n_layer=2, n_embd=64, vocab_size=tok.vocab_size, block_size=64)))
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_adapter(other, tmp_path / "adapter")
+    # a base of the same shape with other weights fits the adapter's tensors, but is not its base
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "stranger", Transformer(model.cfg), tok, DataConfig())
+    merge = ["lora", "merge", str(tmp_path / "stranger"), str(tmp_path / "adapter"), str(tmp_path / "wrong")]
+    assert cli.main(merge) == 2 and not (tmp_path / "wrong").exists()
+    with pytest.raises(CheckpointError, match="is not the checkpoint the adapter in .* was trained on"):
+        load_adapted(tmp_path / "adapter", base=tmp_path / "stranger")
+    shutil.copytree(tmp_path / "base", tmp_path / "moved")  # the same weights elsewhere: fine
+    assert load_adapted(tmp_path / "adapter", base=tmp_path / "moved").path == tmp_path / "adapter"
 
 
 def test_bad_lora_settings_are_refused() -> None:

@@ -8,6 +8,8 @@ folds them into the base weights, giving a plain model that computes the same lo
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -178,12 +180,33 @@ def save_adapter(
     with atomic_folder(Path(out)) as tmp:
         tensors = adapter_state(model) | {f"head.{k}": v.detach().cpu().contiguous() for k, v in (head or {}).items()}
         safetensors.torch.save_file(tensors, str(tmp / "adapter.safetensors"))
-        meta = asdict(cfg) | {"base_checkpoint": str(Path(base).resolve())}
+        meta = asdict(cfg) | {"base_checkpoint": str(Path(base).resolve()), "base_sha256": weights_digest(Path(base))}
         if task is not None:
             meta["task"] = task
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """SHA-256 of a checkpoint's weights (model.safetensors; adapter.safetensors for an adapter used as a base):
+    which base an adapter was trained on, whatever its path."""
+    file = checkpoint / "model.safetensors"
+    return _digest(*_identity(file if file.is_file() else checkpoint / "adapter.safetensors"))
+
+
+def _identity(file: Path) -> tuple[str, int, int]:
+    stat = file.stat()
+    return str(file.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)  # a fine-tune saves its adapters at every evaluation
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # (size and time key the cache: a new file hashes anew)
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -224,13 +247,22 @@ def load_adapted(folder: str | Path, device: str | torch.device = "cpu", base: s
 
     folder = Path(folder)
     meta, tensors = _read_adapter(folder)
-    base = base or meta.get("base_checkpoint")
+    recorded = meta.get("base_checkpoint")
+    base = base or recorded
     if not base or not Path(base).is_dir():
         raise CheckpointError(
             f"the base checkpoint of the adapter in '{folder}' ({base}) is missing; put it back at that path "
             "(adapter_config.json's base_checkpoint names it)"
         )
     ckpt = load_checkpoint(base)
+    # another base than the recorded one (moved, or a mistake): its weights must be the ones it trained on (an
+    # adapter fits any base of the same shape, and would silently compute something else on another)
+    moved = Path(base).resolve() != Path(recorded or base).resolve()
+    if moved and meta.get("base_sha256") not in (None, weights_digest(Path(base))):
+        raise CheckpointError(
+            f"'{base}' is not the checkpoint the adapter in '{folder}' was trained on (its weights differ); pass "
+            f"that one (it was at {recorded})"
+        )
     if (folder / "tokenizer.json").is_file():
         ckpt.tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if "tok_emb.rows" in tensors:  # the fine-tune added tokens (chat markers): their rows are in the adapter
