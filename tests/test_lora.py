@@ -106,6 +106,10 @@ def test_the_adapter_file_is_small_and_merges_through_the_cli(tmp_path: Path) ->
         load_adapted(tmp_path / "adapter", base=tmp_path / "stranger")
     shutil.copytree(tmp_path / "base", tmp_path / "moved")  # the same weights elsewhere: fine
     assert load_adapted(tmp_path / "adapter", base=tmp_path / "moved").path == tmp_path / "adapter"
+    shutil.rmtree(tmp_path / "base")  # the recorded base, rewritten (by more training): refused too
+    shutil.copytree(tmp_path / "stranger", tmp_path / "base")
+    with pytest.raises(CheckpointError, match="or that one rewritten since"):
+        load_adapted(tmp_path / "adapter")
 
 
 def test_bad_lora_settings_are_refused() -> None:

@@ -372,3 +372,16 @@ def test_a_diverging_run_stops_before_saving_non_finite_weights(data_dir: Path, 
     after = load_checkpoint(out / "ckpt-latest").model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(math.isfinite(json.loads(line).get("train_loss", 0)) for line in (out / "metrics.jsonl").open())
+
+    class OverflowThenCtrlC(CtrlCAt):  # the step's update overflowed a weight, then Ctrl-C: nothing is saved
+        def train_step(self, record: dict) -> None:
+            if record["step"] == self.step:
+                next(trainer.model.parameters()).data.fill_(math.inf)
+            super().train_step(record)
+
+    trainer = Trainer(
+        load_config(overrides=tiny(out, **{"train.max_steps": 20, "train.resume": True})), OverflowThenCtrlC(12)
+    )
+    with pytest.raises(DivergedError, match="by step 12: weights not finite"):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in load_checkpoint(out / "ckpt-latest").model.state_dict().items())

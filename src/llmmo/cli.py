@@ -82,6 +82,14 @@ class ProgressReporter:
     def __init__(self) -> None:
         self.bar = None
 
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The bar ends its line however the run ends, so that an error prints on a line of its own."""
+        if self.bar is not None:
+            self.bar.close()
+
     def start(self, info: dict[str, Any]) -> None:
         from tqdm import tqdm
 
@@ -157,9 +165,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llmmo.train import Trainer
 
     cfg = _config_from_args(args, ("model", "data", "train"))
-    reporter = ProgressReporter()
     try:
-        result = Trainer(cfg, reporter).run()
+        with ProgressReporter() as reporter:
+            result = Trainer(cfg, reporter).run()
     except (torch.distributed.DistError, RuntimeError) as e:
         close_world(finished=False)
         # gloo reports a vanished peer as a plain RuntimeError
@@ -173,8 +181,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         close_world(finished=False)
         raise
     close_world()
-    if reporter.bar is not None:
-        reporter.bar.close()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 130 if result.interrupted else 0
     state = "interrupted (Ctrl-C); checkpoint saved, resume with --train.resume true" if result.interrupted else "done"
@@ -401,10 +407,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student = dataclasses.replace(t, mlp_hidden=0, head_dim=0, depth=0, n_kv_head=n_kv_head)
     base = config_from_dict({"model": dataclasses.asdict(student), "data": dataclasses.asdict(teacher.data)})
     cfg = _config_from_args(args, ("model", "train"), base=base)
-    reporter = ProgressReporter()
-    result = DistillTrainer(cfg, teacher, args.alpha, args.temperature, reporter).run()
-    if reporter.bar is not None:
-        reporter.bar.close()
+    with ProgressReporter() as reporter:
+        result = DistillTrainer(cfg, teacher, args.alpha, args.temperature, reporter).run()
     print(f"distilled {result.step} steps: best val loss {result.best_val_loss:.4f} -> {result.out_dir}/ckpt-best")
     return 0
 
@@ -421,7 +425,7 @@ def _floats(text: str) -> list[float]:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from llmmo.scaling.analysis import analyse, plan, plot
-    from llmmo.scaling.sweep import SweepConfig, parse_sizes, plan_runs, read_ledger, sweep
+    from llmmo.scaling.sweep import SweepConfig, finished_runs, parse_sizes, plan_runs, read_ledger, sweep
 
     if args.action == "sweep":
         from tqdm import tqdm
@@ -440,13 +444,19 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
         def progress(row: dict, done: int, total: int) -> None:
             bar.update(row["flops"])
-            bar.set_postfix_str(f"{done}/{total} runs, last {row['run']} val {row['val_loss']:.4f}")
+            last = f"{row['run']} diverged" if "diverged" in row else f"{row['run']} val {row['val_loss']:.4f}"
+            bar.set_postfix_str(f"{done}/{total} runs, last {last}")
 
-        rows = sweep(cfg, config, args.out, progress, runs)
-        bar.close()
+        try:
+            rows = sweep(cfg, config, args.out, progress, runs)
+        finally:
+            bar.close()
         print(f"{len(rows)} runs -> {args.out}/ledger.jsonl, ledger.csv")
+        _report_diverged(rows)
         return 0
     rows = read_ledger(args.ledger)
+    _report_diverged(rows)
+    rows = finished_runs(rows)
     folder = Path(args.ledger) if Path(args.ledger).is_dir() else Path(args.ledger).parent
     fit_budgets = _floats(args.fit_budgets) if getattr(args, "fit_budgets", None) else None
     analysis = analyse(rows, fit_budgets, bootstrap=args.bootstrap)
@@ -461,6 +471,19 @@ def cmd_scale(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(plan(analysis, rows, flops=args.flops, target_loss=args.target_loss), indent=2))
     return 0
+
+
+def _report_diverged(rows: list[dict]) -> None:
+    """Runs of the ledger that diverged: named on stderr (fits, plots and plans leave them out)."""
+    diverged = [r for r in rows if "diverged" in r]
+    for r in diverged:
+        print(f"{r['run']}: {r['diverged']}", file=sys.stderr)
+    if diverged:
+        print(
+            f"{len(diverged)} of {len(rows)} runs diverged and are left out; to run them, lower --train.lr and sweep "
+            "into a new --out",
+            file=sys.stderr,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- lora

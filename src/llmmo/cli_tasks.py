@@ -43,10 +43,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         lora=_lora_config(args),
     )
-    reporter = ProgressReporter()
-    result = finetune(cfg, ft, args.base, reporter)
-    if reporter.bar is not None:
-        reporter.bar.close()
+    with ProgressReporter() as reporter:
+        result = finetune(cfg, ft, args.base, reporter)
     report_skipped(result["skipped"])
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)

@@ -102,7 +102,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW only; never applied to norms, biases or embeddings
     beta1: float = 0.9  # Adam's first-moment decay
     beta2: float = 0.99  # Adam's second-moment decay
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    grad_clip: float = 1.0  # max global gradient norm; 0 (or less) disables
     sampler: str = "random"  # random: seeded random windows | epoch: each window once per epoch
     epochs: int = 0  # > 0 (with sampler=epoch): train this many passes over the data
     max_steps: int = 2000  # the run ends at the first budget reached; 0 leaves this one unset

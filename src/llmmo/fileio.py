@@ -62,9 +62,9 @@ def absolute_path(path: str) -> str:
     """`path` with `~` expanded and made absolute; a relative glob keeps the working folder's own `*?[` literal."""
     path = os.path.expanduser(path)
     if os.path.isabs(path):
-        return os.path.normpath(path)
-    cwd = glob.escape(os.getcwd()) if is_glob(path) else os.getcwd()
-    return os.path.normpath(os.path.join(cwd, path))
+        return path
+    # joined, not normalised: `link/..` is where the link's target's parent is, which only the system knows
+    return os.path.join(glob.escape(os.getcwd()) if is_glob(path) else os.getcwd(), path)
 
 
 def write_text_atomic(dest: Path, text: str) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmmo.data.cache import file_identity
 from llmmo.errors import CheckpointError, ConfigError
 from llmmo.fileio import atomic_folder
 from llmmo.tokenizer import Tokenizer
@@ -188,20 +189,16 @@ def save_adapter(
             tokenizer.save(tmp / "tokenizer.json")
 
 
-def weights_digest(checkpoint: Path) -> str:
+def weights_digest(checkpoint: Path) -> str | None:
     """SHA-256 of a checkpoint's weights (model.safetensors; adapter.safetensors for an adapter used as a base):
-    which base an adapter was trained on, whatever its path."""
+    which base an adapter was trained on, whatever its path. None when it has no weights file."""
     file = checkpoint / "model.safetensors"
-    return _digest(*_identity(file if file.is_file() else checkpoint / "adapter.safetensors"))
-
-
-def _identity(file: Path) -> tuple[str, int, int]:
-    stat = file.stat()
-    return str(file.resolve()), stat.st_size, stat.st_mtime_ns
+    file = file if file.is_file() else checkpoint / "adapter.safetensors"
+    return _digest(*file_identity(file)) if file.is_file() else None
 
 
 @functools.lru_cache(maxsize=8)  # a fine-tune saves its adapters at every evaluation
-def _digest(path: str, size: int, mtime_ns: int) -> str:  # (size and time key the cache: a new file hashes anew)
+def _digest(path: str, *identity: int) -> str:  # (the file's identity keys the cache: a new file is hashed anew)
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -254,15 +251,15 @@ def load_adapted(folder: str | Path, device: str | torch.device = "cpu", base: s
             f"the base checkpoint of the adapter in '{folder}' ({base}) is missing; put it back at that path "
             "(adapter_config.json's base_checkpoint names it)"
         )
-    ckpt = load_checkpoint(base)
-    # another base than the recorded one (moved, or a mistake): its weights must be the ones it trained on (an
-    # adapter fits any base of the same shape, and would silently compute something else on another)
-    moved = Path(base).resolve() != Path(recorded or base).resolve()
-    if moved and meta.get("base_sha256") not in (None, weights_digest(Path(base))):
+    # an adapter fits any base of its shape, and would silently compute something else on another: the base's
+    # weights must be those it was trained on (another folder, or the same one rewritten by more training)
+    trained_on, digest = meta.get("base_sha256"), weights_digest(Path(base))
+    if trained_on and digest and trained_on != digest:  # (without weights, load_checkpoint says what is missing)
         raise CheckpointError(
-            f"'{base}' is not the checkpoint the adapter in '{folder}' was trained on (its weights differ); pass "
-            f"that one (it was at {recorded})"
+            f"'{base}' is not the checkpoint the adapter in '{folder}' was trained on (its weights differ: another "
+            f"checkpoint, or that one rewritten since); pass the base it was trained on (it was at {recorded})"
         )
+    ckpt = load_checkpoint(base)
     if (folder / "tokenizer.json").is_file():
         ckpt.tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if "tok_emb.rows" in tensors:  # the fine-tune added tokens (chat markers): their rows are in the adapter

@@ -15,7 +15,7 @@ The fields holding the prompt and the reference are named by option (for classif
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,10 @@ def generate_replies(ckpt: Checkpoint, prompts: list[Prompt], gen: GenerationCon
     return replies
 
 
-def _some(examples: list, f: TaskFile) -> list:
+def _some(examples: list, f: TaskFile, skipped: Sequence[str] = ()) -> list:
     """The file's first `limit` examples; none is an error (scores of nothing would read as zeros)."""
+    if not examples and skipped:
+        raise DataError(f"every row of task file '{f.path}' is bad ({len(skipped)}; the first: {skipped[0]})")
     if not examples:
         raise DataError(f"task file '{f.path}' holds no examples; give a file with at least one")
     return examples[: f.limit or None]
@@ -91,7 +93,7 @@ def _pairs(f: TaskFile, prompt_field: str, reference_field: str) -> tuple[list[P
     left out."""
     fields = (f.prompt_field or prompt_field, f.reference_field or reference_field)
     read = read_conversations(f.path, *fields, f.encoding, f.skip_bad_rows)
-    chats = _some(read.conversations, f)
+    chats = _some(read.conversations, f, read.skipped)
     return [c[:-1] for c in chats], [c[-1]["content"] for c in chats], read.skipped
 
 
@@ -145,6 +147,8 @@ def _exact(ckpt, f, gen, batch) -> TaskResult:
 def _squad(ckpt, f, gen, batch) -> TaskResult:
     from llmmo.finetune.predict import QuestionAnswerer
 
+    if f.skip_bad_rows:
+        raise ConfigError("--skip-bad-rows is for JSONL task files; a SQuAD file is read whole (fix it instead)")
     questions = _some(qa.read_squad(f.path, f.encoding), f)
     if (ckpt.task or {}).get("kind") == "qa":
         predictions = QuestionAnswerer(ckpt).answer(questions, batch)
@@ -170,7 +174,7 @@ def _classify(ckpt, f, gen, batch) -> TaskResult:
     classifier = TextClassifier(ckpt)
     fields = (f.prompt_field or "text", f.reference_field or "label")
     data = read_labelled(f.path, *fields, classifier.labels, f.encoding, f.skip_bad_rows)
-    texts, labels = _some(data.texts, f), data.labels[: f.limit or None]
+    texts, labels = _some(data.texts, f, data.skipped), data.labels[: f.limit or None]
     predictions = classifier.predict(texts, batch_size=max(batch, 64))
     predicted = [classifier.labels.index(p.label) for p in predictions]
     confusion = confusion_matrix(labels, predicted, len(classifier.labels))

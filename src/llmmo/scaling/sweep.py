@@ -156,10 +156,16 @@ def _checked(row: Any, number: int, path: Path) -> dict[str, Any]:
     missing = [k for k in ("run", *LEDGER_FIELDS) if k not in row]
     if missing:
         raise ConfigError(f"{where} lacks field '{missing[0]}': {fix}")
-    bad = [k for k in LEDGER_FIELDS if isinstance(row[k], bool) or not isinstance(row[k], int | float)]
+    numbers = [k for k in LEDGER_FIELDS if not (k == "val_loss" and "diverged" in row)]  # a diverged run has none
+    bad = [k for k in numbers if isinstance(row[k], bool) or not isinstance(row[k], int | float)]
     if bad:
         raise ConfigError(f"{where}: field '{bad[0]}' is {row[bad[0]]!r}, not a number; correct the row")
     return row
+
+
+def finished_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of runs that did not diverge: what fits, plots and plans read."""
+    return [r for r in rows if "diverged" not in r]
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -218,7 +224,7 @@ def sweep(
         try:
             val_loss = trainer.run().last_eval["val_loss"]
         except DivergedError as e:  # recorded, so that a resumed sweep does not run it again; fits leave it out
-            val_loss, diverged = math.nan, {"diverged": e.detail}
+            val_loss, diverged = None, {"diverged": e.detail}
         row = (
             run
             | {

@@ -208,6 +208,12 @@ class Trainer:
                     f"{self.total_steps} steps; raise --train.max_steps (or max_tokens / epochs) to continue it"
                 )
 
+    def _weights_finite(self) -> bool:
+        """Whether every weight is finite, on every rank (under FSDP each checks its own shards)."""
+        params = (p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters())
+        local = all(bool(torch.isfinite(p).all()) for p in params)
+        return self.world.sum([float(not local)])[0] == 0
+
     def _calmer(self) -> str:
         """What to do when the run diverged (before it saved anything non-finite)."""
         fix = "lower --train.lr (or raise --train.warmup_steps)"
@@ -525,6 +531,8 @@ class Trainer:
                     last_eval = self.evaluate_and_save()
                     window_start = time.perf_counter()  # evaluation time is not training throughput
             if self.stop_requested:
+                if not self._weights_finite():  # the last step's update overflowed: not worth keeping
+                    raise DivergedError(f"training diverged by step {self.step}: weights not finite", self._calmer())
                 self.save("ckpt-latest")
             elif self.evaluated_at != self.step:  # (a resumed run that had finished is not evaluated again)
                 last_eval = self.evaluate_and_save()
