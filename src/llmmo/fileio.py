@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -65,6 +67,16 @@ def absolute_path(path: str) -> str:
         return path
     # joined, not normalised: `link/..` is where the link's target's parent is, which only the system knows
     return os.path.join(glob.escape(os.getcwd()) if is_glob(path) else os.getcwd(), path)
+
+
+def complete_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each line of a JSON-lines file that is written by appending (metrics, a sweep's
+    ledger); a line that does not parse was cut short by a crash while it was being appended, and is left out."""
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 def write_text_atomic(dest: Path, text: str) -> None:

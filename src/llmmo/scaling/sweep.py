@@ -28,7 +28,7 @@ import torch
 
 from llmmo.config import Config, resolve_config, resolve_model
 from llmmo.errors import ConfigError, DivergedError
-from llmmo.fileio import write_text_atomic
+from llmmo.fileio import complete_json_lines, write_text_atomic
 from llmmo.model import Transformer
 
 TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: where the sizes of a budget are centred
@@ -137,14 +137,7 @@ def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     path = path / "ledger.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"no ledger at '{path}'; run `llmmo scale sweep` first, or pass its folder")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows.append(_checked(row, number, path))
-    return rows
+    return [_checked(row, number, path) for number, row in complete_json_lines(path)]
 
 
 def _checked(row: Any, number: int, path: Path) -> dict[str, Any]:

@@ -480,11 +480,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(app: FastAPI, sock: socket.socket) -> None:
-    """Run `app` on the socket of `listen` until Ctrl-C or SIGTERM (what uvicorn.run does for a host and port)."""
+    """Run `app` on the socket of `listen` until Ctrl-C or SIGTERM (what uvicorn.run does for a host and port);
+    the caller closes the socket."""
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # re-raised by uvicorn after its graceful shutdown; nothing is left to do
         pass
-    finally:
-        sock.close()

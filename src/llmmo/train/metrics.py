@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmmo.fileio import write_text_atomic
+from llmmo.fileio import complete_json_lines, write_text_atomic
 
 
 class MetricsLog:
@@ -48,14 +48,5 @@ class MetricsLog:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics file. A line that does not parse was cut short by a crash while it was being
-    appended (the last one): it is left out, as the steps after the checkpoint are."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+    """The records of a metrics file (a line cut short by a crash left out, as the steps after the checkpoint are)."""
+    return [r for _, r in complete_json_lines(path) if isinstance(r, dict) and isinstance(r.get("step"), int)]
